@@ -1,0 +1,144 @@
+// Plain, JSON-serialisable records exchanged between the engine and its clients (CLI, bot, queue,
+// remote workers). The engine knows nothing about Discord; the bot nothing about ONNX.
+
+export type Mode = 'single' | 'average' | 'merge' | 'afa';
+export type SchedulerName = 'ddim' | 'euler' | 'euler_a' | 'dpmpp_2m';
+export const SCHEDULER_NAMES: readonly SchedulerName[] = ['ddim', 'euler', 'euler_a', 'dpmpp_2m'];
+export const MODES: readonly Mode[] = ['single', 'average', 'merge', 'afa'];
+
+/** What to generate. Unset numbers fall back to the package's defaults. */
+export interface GenerateRequest {
+  prompt: string;
+  negative?: string;
+  /** `afa`: an ensemble id (its experts are implied; `experts` may pick a subset when the graph supports it). */
+  ensemble?: string;
+  /** `single`: exactly one expert id; `average` / `merge`: two or more. */
+  experts?: string[];
+  mode: Mode;
+  /** `average` / `merge`: one weight per expert (normalised to sum 1); equal when absent. */
+  weights?: number[];
+  seed: number;
+  steps?: number;
+  guidance?: number;
+  scheduler?: SchedulerName;
+  karras?: boolean;
+  /** Images in the batch; image i uses seed + i. */
+  count?: number;
+  width?: number;
+  height?: number;
+  /** Also return per-expert weight maps (afa: the aggregator's; average: the fixed weights). */
+  contributions?: boolean;
+  /** Send a small preview image with progress events (cheap latent → RGB approximation). */
+  preview?: boolean;
+}
+
+export interface RgbImage {
+  width: number;
+  height: number;
+  /** Row-major RGB, 3 bytes per pixel. */
+  data: Uint8Array;
+}
+
+export interface ContributionMaps {
+  experts: string[];
+  /** Latent resolution. */
+  width: number;
+  height: number;
+  /** weights[i] is expert i's row-major map, averaged over steps; the maps sum to 1 per pixel. */
+  weights: Float32Array[];
+  /** Overall share of each expert (mean of its map), summing to 1. */
+  shares: number[];
+}
+
+export interface GeneratedImage {
+  seed: number;
+  image: RgbImage;
+  contributions?: ContributionMaps;
+}
+
+/** Everything that was actually used, after defaults were applied (goes into the PNG's parameters). */
+export interface ResolvedParams {
+  prompt: string;
+  negative: string;
+  mode: Mode;
+  ensemble?: string;
+  experts: string[];
+  weights?: number[];
+  seed: number;
+  steps: number;
+  guidance: number;
+  scheduler: SchedulerName;
+  karras: boolean;
+  width: number;
+  height: number;
+  count: number;
+  /** Package name and version, e.g. `demo@1.0.0`. */
+  model: string;
+  /** Content words dropped because the prompt was longer than 75 tokens. */
+  truncatedWords: string[];
+}
+
+export interface GenerateResult {
+  params: ResolvedParams;
+  images: GeneratedImage[];
+  timings: { totalMs: number; denoiseMs: number; decodeMs: number; runMs: number };
+  warnings: string[];
+}
+
+export interface ProgressEvent {
+  step: number;
+  steps: number;
+  /** Optional low-cost preview of image 0. */
+  preview?: RgbImage;
+}
+
+export interface ExpertInfo {
+  id: string;
+  title: string;
+  description: string;
+}
+
+export interface EnsembleInfo extends ExpertInfo {
+  method: 'afa';
+  experts: string[];
+  subsets: boolean;
+}
+
+export interface PackageInfo {
+  name: string;
+  version: string;
+  description: string;
+  experts: ExpertInfo[];
+  ensembles: EnsembleInfo[];
+  defaults: { steps: number; guidance: number; scheduler: SchedulerName; width: number; height: number };
+  size: { min: number; max: number; multiple: number };
+  display?: { width: number; height: number };
+  executionProvider: string;
+}
+
+/** A user-facing failure: `message` is safe and meaningful to show to a person. */
+export class EngineError extends Error {
+  constructor(
+    public readonly code:
+      | 'unknown_model'
+      | 'bad_request'
+      | 'bad_package'
+      | 'cancelled'
+      | 'timeout'
+      | 'internal',
+    message: string,
+  ) {
+    super(message);
+    this.name = 'EngineError';
+  }
+}
+
+/** The async API every engine host offers (worker thread in-process, or a remote worker). */
+export interface EngineClient {
+  info(): Promise<PackageInfo>;
+  generate(
+    request: GenerateRequest,
+    options?: { signal?: AbortSignal; onProgress?: (event: ProgressEvent) => void },
+  ): Promise<GenerateResult>;
+  dispose(): Promise<void>;
+}
