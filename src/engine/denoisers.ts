@@ -1,0 +1,177 @@
+// One interface, four ways to turn (latents, t, text) into a prediction: a single expert, the
+// average of experts' predictions, a weight-space merge of experts, or a fused AFA ensemble graph.
+import { EngineError, type Mode } from './api.ts';
+import type { EnsembleEntry, ExpertEntry } from './manifest.ts';
+import type { ModelPackage } from './model-package.ts';
+import type { FloatTensor, GraphSession } from './onnx-session.ts';
+
+export interface DenoiseOutput {
+  prediction: Float32Array;
+  /** Per-expert weights `[batch, N, h, w]` (afa: the aggregator's softmax; average: the fixed weights). */
+  weights?: Float32Array;
+}
+
+export interface Denoiser {
+  readonly mode: Mode;
+  readonly experts: ExpertEntry[];
+  /** `text` holds each expert's text embeddings `[batch, 77, D]`, keyed by expert id. */
+  predict(sample: FloatTensor, timestep: number, text: Map<string, FloatTensor>): Promise<DenoiseOutput>;
+}
+
+const UNET_INPUTS = ['sample', 'timestep', 'encoder_hidden_states'];
+
+function outputName(session: GraphSession, preferred: string): string {
+  return session.outputs.has(preferred) ? preferred : [...session.outputs.keys()][0];
+}
+
+async function runUnet(session: GraphSession, sample: FloatTensor, t: number, text: FloatTensor): Promise<Float32Array> {
+  const out = await session.run({
+    sample: session.tensor('sample', sample),
+    timestep: session.timestepTensor('timestep', t, sample.dims[0]),
+    encoder_hidden_states: session.tensor('encoder_hidden_states', text),
+  });
+  return out[outputName(session, 'out_sample')].data;
+}
+
+function textFor(text: Map<string, FloatTensor>, id: string): FloatTensor {
+  const t = text.get(id);
+  if (!t) throw new EngineError('internal', `No text embeddings for expert "${id}".`);
+  return t;
+}
+
+export class SingleDenoiser implements Denoiser {
+  readonly mode = 'single' as const;
+  constructor(
+    readonly experts: ExpertEntry[],
+    private readonly session: GraphSession,
+  ) {
+    session.require(UNET_INPUTS);
+  }
+
+  async predict(sample: FloatTensor, t: number, text: Map<string, FloatTensor>): Promise<DenoiseOutput> {
+    return { prediction: await runUnet(this.session, sample, t, textFor(text, this.experts[0].id)) };
+  }
+}
+
+export class AverageDenoiser implements Denoiser {
+  readonly mode = 'average' as const;
+  constructor(
+    readonly experts: ExpertEntry[],
+    private readonly sessions: GraphSession[],
+    private readonly weights: number[],
+  ) {
+    for (const s of sessions) s.require(UNET_INPUTS);
+  }
+
+  async predict(sample: FloatTensor, t: number, text: Map<string, FloatTensor>): Promise<DenoiseOutput> {
+    const acc = new Float32Array(sample.data.length);
+    for (let i = 0; i < this.sessions.length; i++) {
+      const out = await runUnet(this.sessions[i], sample, t, textFor(text, this.experts[i].id));
+      const w = this.weights[i];
+      for (let j = 0; j < acc.length; j++) acc[j] += w * out[j];
+    }
+    const [batch, , h, w] = sample.dims;
+    const n = this.experts.length;
+    const weights = new Float32Array(batch * n * h * w);
+    for (let b = 0; b < batch; b++) {
+      for (let i = 0; i < n; i++) weights.fill(this.weights[i], (b * n + i) * h * w, (b * n + i + 1) * h * w);
+    }
+    return { prediction: acc, weights };
+  }
+}
+
+export class MergeDenoiser implements Denoiser {
+  readonly mode = 'merge' as const;
+  constructor(
+    readonly experts: ExpertEntry[],
+    private readonly session: GraphSession,
+    private readonly weights: number[],
+  ) {
+    session.require(UNET_INPUTS);
+  }
+
+  async predict(sample: FloatTensor, t: number, text: Map<string, FloatTensor>): Promise<DenoiseOutput> {
+    // Experts normally share a text encoder; when they don't, the merged model sees the weighted
+    // mean of their embeddings, as a merged text encoder would approximately produce.
+    const first = textFor(text, this.experts[0].id);
+    let embeddings = first;
+    if (this.experts.some((e) => textFor(text, e.id) !== first)) {
+      const mean = new Float32Array(first.data.length);
+      this.experts.forEach((e, i) => {
+        const d = textFor(text, e.id).data;
+        for (let j = 0; j < mean.length; j++) mean[j] += this.weights[i] * d[j];
+      });
+      embeddings = { data: mean, dims: first.dims };
+    }
+    return { prediction: await runUnet(this.session, sample, t, embeddings) };
+  }
+}
+
+export class AfaDenoiser implements Denoiser {
+  readonly mode = 'afa' as const;
+  private readonly mask: Float32Array | undefined;
+
+  constructor(
+    readonly ensemble: EnsembleEntry,
+    readonly allExperts: ExpertEntry[],
+    readonly experts: ExpertEntry[],
+    private readonly session: GraphSession,
+  ) {
+    session.require(UNET_INPUTS, ['contributions']);
+    const subset = experts.length !== allExperts.length;
+    if (subset) {
+      if (!ensemble.subsets || !session.has('expert_mask')) {
+        throw new EngineError(
+          'bad_request',
+          `The ensemble "${ensemble.id}" was not trained for subsets of its experts; use all of ${ensemble.experts.join(', ')}.`,
+        );
+      }
+    }
+    if (session.has('expert_mask')) {
+      this.mask = Float32Array.from(allExperts, (e) => (experts.includes(e) ? 1 : 0));
+    }
+  }
+
+  async predict(sample: FloatTensor, t: number, text: Map<string, FloatTensor>): Promise<DenoiseOutput> {
+    const per = this.allExperts.map((e) => text.get(e.id) ?? textFor(text, this.experts[0].id));
+    const [batch, tokens, dim] = per[0].dims;
+    const stacked = new Float32Array(per.length * per[0].data.length);
+    per.forEach((p, i) => stacked.set(p.data, i * p.data.length));
+    const s = this.session;
+    const feeds: Record<string, ReturnType<GraphSession['tensor']>> = {
+      sample: s.tensor('sample', sample),
+      timestep: s.timestepTensor('timestep', t, sample.dims[0]),
+      encoder_hidden_states: s.tensor('encoder_hidden_states', { data: stacked, dims: [per.length, batch, tokens, dim] }),
+    };
+    if (this.mask) feeds.expert_mask = s.tensor('expert_mask', { data: this.mask, dims: [this.mask.length] });
+    const out = await s.run(feeds);
+    return { prediction: out[outputName(s, 'out_sample')].data, weights: out.contributions.data };
+  }
+}
+
+export interface DenoiserChoice {
+  mode: Mode;
+  experts: ExpertEntry[];
+  ensemble?: EnsembleEntry;
+  weights: number[];
+}
+
+export async function createDenoiser(pkg: ModelPackage, choice: DenoiserChoice): Promise<Denoiser> {
+  switch (choice.mode) {
+    case 'single':
+      return new SingleDenoiser(choice.experts, await pkg.session(choice.experts[0].unet));
+    case 'average':
+      return new AverageDenoiser(
+        choice.experts,
+        await Promise.all(choice.experts.map((e) => pkg.session(e.unet))),
+        choice.weights,
+      );
+    case 'merge':
+      return new MergeDenoiser(choice.experts, await pkg.mergedUnet(choice.experts, choice.weights), choice.weights);
+    case 'afa': {
+      const ensemble = choice.ensemble!;
+      const all = ensemble.experts.map((id) => pkg.expert(id));
+      return new AfaDenoiser(ensemble, all, choice.experts, await pkg.session(ensemble.graph));
+    }
+  }
+}

@@ -1,0 +1,189 @@
+import { stat } from 'node:fs/promises';
+import path from 'node:path';
+import ort from 'onnxruntime-node';
+import { EngineError } from './api.ts';
+import { float16ToFloat32, float32ToFloat16 } from './float16.ts';
+
+export type ExecutionProvider = 'cpu' | 'cuda';
+
+export interface SessionOptions {
+  executionProvider: ExecutionProvider;
+  /** Intra-op threads; 0 lets onnxruntime choose. */
+  threads?: number;
+}
+
+export interface InputSpec {
+  name: string;
+  type: string;
+  /** Declared shape; strings are symbolic dimensions. Empty for scalars. */
+  shape: readonly (number | string)[];
+}
+
+/** Float32 data in, whatever the graph declares on the wire. */
+export interface FloatTensor {
+  data: Float32Array;
+  dims: number[];
+}
+
+/**
+ * One onnxruntime session plus what its metadata says about its inputs, and a clock for the time
+ * spent inside `session.run` (the engine's overhead is measured against it).
+ */
+export class GraphSession {
+  runMs = 0;
+  runs = 0;
+
+  private constructor(
+    readonly file: string,
+    readonly session: ort.InferenceSession,
+    readonly inputs: Map<string, InputSpec>,
+    readonly outputs: Map<string, InputSpec>,
+  ) {}
+
+  static async open(source: string | Uint8Array, options: SessionOptions, label?: string): Promise<GraphSession> {
+    const file = typeof source === 'string' ? source : (label ?? '(in-memory graph)');
+    if (typeof source === 'string') {
+      try {
+        await stat(source);
+      } catch {
+        throw new EngineError('bad_package', `Missing graph: ${source}`);
+      }
+    }
+    const sessionOptions: ort.InferenceSession.SessionOptions = {
+      executionProviders: options.executionProvider === 'cuda' ? ['cuda', 'cpu'] : ['cpu'],
+      graphOptimizationLevel: 'all',
+      intraOpNumThreads: options.threads ?? 0,
+      interOpNumThreads: 1,
+      executionMode: 'sequential',
+    };
+    let session: ort.InferenceSession;
+    try {
+      session =
+        typeof source === 'string'
+          ? await ort.InferenceSession.create(source, sessionOptions)
+          : await ort.InferenceSession.create(source, sessionOptions);
+    } catch (err) {
+      const reason = (err as Error).message.split('\n')[0];
+      throw new EngineError('bad_package', `Cannot load graph ${file}: it is corrupt or not an ONNX model (${reason}).`);
+    }
+    const toSpecs = (list: readonly ort.InferenceSession.ValueMetadata[]) =>
+      new Map(
+        list.map((m): [string, InputSpec] => [
+          m.name,
+          { name: m.name, type: m.isTensor ? m.type : 'non-tensor', shape: m.isTensor ? m.shape : [] },
+        ]),
+      );
+    return new GraphSession(file, session, toSpecs(session.inputMetadata), toSpecs(session.outputMetadata));
+  }
+
+  get displayName(): string {
+    return path.basename(path.dirname(this.file)) + '/' + path.basename(this.file);
+  }
+
+  has(input: string): boolean {
+    return this.inputs.has(input);
+  }
+
+  /** Fails with a message naming the graph when an expected input or output is absent. */
+  require(inputs: string[], outputs: string[] = []): void {
+    const missingIn = inputs.filter((n) => !this.inputs.has(n));
+    const missingOut = outputs.filter((n) => !this.outputs.has(n));
+    if (missingIn.length || missingOut.length) {
+      const have = `inputs: ${[...this.inputs.keys()].join(', ')}; outputs: ${[...this.outputs.keys()].join(', ')}`;
+      const want = [
+        ...missingIn.map((n) => `input "${n}"`),
+        ...missingOut.map((n) => `output "${n}"`),
+      ].join(', ');
+      throw new EngineError('bad_package', `Graph ${this.file} does not match the manifest: it lacks ${want} (it has ${have}).`);
+    }
+  }
+
+  /** Converts float32 data to the input's declared element type and rank. */
+  tensor(name: string, value: FloatTensor): ort.Tensor {
+    const spec = this.inputs.get(name);
+    if (!spec) throw new EngineError('bad_package', `Graph ${this.file} has no input "${name}".`);
+    return toTensor(spec, value, this.file);
+  }
+
+  /** Timestep input: int64 `[B]`, float `[1]`, a scalar: whatever the graph declares. */
+  timestepTensor(name: string, t: number, batch: number): ort.Tensor {
+    const spec = this.inputs.get(name);
+    if (!spec) throw new EngineError('bad_package', `Graph ${this.file} has no input "${name}".`);
+    let dims: number[];
+    if (spec.shape.length === 0) dims = [];
+    else if (spec.shape.length === 1 && spec.shape[0] === 1) dims = [1];
+    else dims = [batch];
+    const count = dims.length === 0 ? 1 : dims[0];
+    return toTensor(spec, { data: new Float32Array(count).fill(t), dims }, this.file);
+  }
+
+  async run(feeds: Record<string, ort.Tensor>, outputs?: string[]): Promise<Record<string, FloatTensor>> {
+    const start = performance.now();
+    let result: ort.InferenceSession.OnnxValueMapType;
+    try {
+      result = outputs ? await this.session.run(feeds, outputs) : await this.session.run(feeds);
+    } catch (err) {
+      throw new EngineError('internal', `Running ${this.file} failed: ${(err as Error).message.split('\n')[0]}`);
+    } finally {
+      this.runMs += performance.now() - start;
+      this.runs += 1;
+    }
+    const out: Record<string, FloatTensor> = {};
+    for (const [name, value] of Object.entries(result)) {
+      const t = value as ort.Tensor;
+      out[name] = { data: fromTensorData(t), dims: [...t.dims] };
+      t.dispose?.();
+    }
+    return out;
+  }
+
+  async release(): Promise<void> {
+    await this.session.release();
+  }
+}
+
+function toTensor(spec: InputSpec, value: FloatTensor, file: string): ort.Tensor {
+  const { data, dims } = value;
+  const declared = spec.shape;
+  if (declared.length !== dims.length && !(declared.length === 0 && dims.length === 0)) {
+    throw new EngineError(
+      'bad_package',
+      `Graph ${file}: input "${spec.name}" has rank ${declared.length} [${declared.join(', ')}], the engine feeds rank ${dims.length} [${dims.join(', ')}].`,
+    );
+  }
+  declared.forEach((d, i) => {
+    if (typeof d === 'number' && d > 0 && d !== dims[i]) {
+      throw new EngineError(
+        'bad_package',
+        `Graph ${file}: input "${spec.name}" expects shape [${declared.join(', ')}], got [${dims.join(', ')}].`,
+      );
+    }
+  });
+  switch (spec.type) {
+    case 'float32':
+      return new ort.Tensor('float32', data, dims);
+    case 'float16':
+      return new ort.Tensor('float16', float32ToFloat16(data), dims);
+    case 'float64':
+      return new ort.Tensor('float64', Float64Array.from(data), dims);
+    case 'int64':
+      return new ort.Tensor('int64', BigInt64Array.from(data, (x) => BigInt(Math.round(x))), dims);
+    case 'int32':
+      return new ort.Tensor('int32', Int32Array.from(data, (x) => Math.round(x)), dims);
+    default:
+      throw new EngineError('bad_package', `Graph ${file}: input "${spec.name}" has unsupported type ${spec.type}.`);
+  }
+}
+
+function fromTensorData(t: ort.Tensor): Float32Array {
+  switch (t.type) {
+    case 'float32':
+      return t.data as Float32Array;
+    case 'float16':
+      return float16ToFloat32(t.data as Uint16Array);
+    case 'float64':
+      return Float32Array.from(t.data as Float64Array);
+    default:
+      throw new EngineError('bad_package', `Unsupported output type ${t.type}.`);
+  }
+}

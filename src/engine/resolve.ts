@@ -1,0 +1,136 @@
+// Turns a GenerateRequest into fully specified parameters, or a clear EngineError saying what is wrong.
+import { EngineError, MODES, SCHEDULER_NAMES, type GenerateRequest, type Mode, type SchedulerName } from './api.ts';
+import type { EnsembleEntry, ExpertEntry } from './manifest.ts';
+import type { ModelPackage } from './model-package.ts';
+
+export const MAX_SEED = Number.MAX_SAFE_INTEGER;
+export const MAX_GUIDANCE = 30;
+
+export interface ResolvedRequest {
+  prompt: string;
+  negative: string;
+  mode: Mode;
+  ensemble?: EnsembleEntry;
+  experts: ExpertEntry[];
+  weights: number[];
+  seed: number;
+  steps: number;
+  guidance: number;
+  scheduler: SchedulerName;
+  karras: boolean;
+  count: number;
+  width: number;
+  height: number;
+  contributions: boolean;
+  preview: boolean;
+}
+
+function bad(message: string): EngineError {
+  return new EngineError('bad_request', message);
+}
+
+function integerIn(name: string, value: unknown, min: number, max: number): number {
+  if (typeof value !== 'number' || !Number.isFinite(value) || !Number.isInteger(value)) {
+    throw bad(`${name} must be a whole number between ${min} and ${max} (got ${JSON.stringify(value)}).`);
+  }
+  if (value < min || value > max) throw bad(`${name} must be between ${min} and ${max} (got ${value}).`);
+  return value;
+}
+
+function numberIn(name: string, value: unknown, min: number, max: number): number {
+  if (typeof value !== 'number' || !Number.isFinite(value)) {
+    throw bad(`${name} must be a number between ${min} and ${max} (got ${JSON.stringify(value)}).`);
+  }
+  if (value < min || value > max) throw bad(`${name} must be between ${min} and ${max} (got ${value}).`);
+  return value;
+}
+
+function chooseModels(pkg: ModelPackage, req: GenerateRequest): Pick<ResolvedRequest, 'mode' | 'ensemble' | 'experts' | 'weights'> {
+  const mode = req.mode;
+  if (!MODES.includes(mode)) throw bad(`Unknown mode "${String(mode)}". Modes: ${MODES.join(', ')}.`);
+  const ids = req.experts ?? [];
+  if (new Set(ids).size !== ids.length) throw bad('Each expert may be named only once.');
+  if (mode === 'afa') {
+    let ensembleId = req.ensemble;
+    if (ensembleId === undefined) {
+      const candidates = pkg.manifest.ensembles.filter((e) => ids.length > 0 && ids.every((x) => e.experts.includes(x)));
+      if (candidates.length === 0) {
+        throw new EngineError(
+          pkg.manifest.ensembles.length ? 'bad_request' : 'unknown_model',
+          pkg.manifest.ensembles.length
+            ? `Mode "afa" needs a trained ensemble; none covers ${ids.join('+') || 'these experts'}. Ensembles: ${pkg.manifest.ensembles.map((e) => `${e.id} (${e.experts.join('+')})`).join(', ')}.`
+            : 'Mode "afa" needs a trained ensemble, and this model package has none. Use "average" or "merge".',
+        );
+      }
+      ensembleId = candidates[0].id;
+    }
+    const ensemble = pkg.ensemble(ensembleId);
+    const chosen = ids.length ? ids : ensemble.experts;
+    for (const x of chosen) {
+      pkg.expert(x);
+      if (!ensemble.experts.includes(x)) {
+        throw bad(`Expert "${x}" is not part of ensemble "${ensemble.id}" (${ensemble.experts.join(', ')}).`);
+      }
+    }
+    if (chosen.length !== ensemble.experts.length && !ensemble.subsets) {
+      throw bad(`Ensemble "${ensemble.id}" only works with all of its experts (${ensemble.experts.join(', ')}).`);
+    }
+    const experts = ensemble.experts.filter((x) => chosen.includes(x)).map((x) => pkg.expert(x));
+    return { mode, ensemble, experts, weights: experts.map(() => 1 / experts.length) };
+  }
+  let expertIds = ids;
+  if (req.ensemble !== undefined) {
+    const ensemble = pkg.ensemble(req.ensemble);
+    if (expertIds.length === 0) expertIds = ensemble.experts;
+  }
+  if (expertIds.length === 0) throw bad(`Mode "${mode}" needs ${mode === 'single' ? 'an expert' : 'two or more experts'}.`);
+  const experts = expertIds.map((x) => pkg.expert(x));
+  if (mode === 'single' && experts.length !== 1) {
+    throw bad(`Mode "single" takes exactly one expert (got ${experts.length}: ${expertIds.join(', ')}).`);
+  }
+  if ((mode === 'average' || mode === 'merge') && experts.length < 2) {
+    throw bad(`Mode "${mode}" needs two or more experts (got ${expertIds.join(', ')}).`);
+  }
+  let weights = experts.map(() => 1 / experts.length);
+  if (req.weights !== undefined && mode !== 'single') {
+    if (req.weights.length !== experts.length) {
+      throw bad(`Give one weight per expert: ${experts.length} experts, ${req.weights.length} weights.`);
+    }
+    for (const w of req.weights) numberIn('Each weight', w, 0, 1000);
+    const sum = req.weights.reduce((s, w) => s + w, 0);
+    if (sum <= 0) throw bad('The weights must not all be zero.');
+    weights = req.weights.map((w) => w / sum);
+  }
+  return { mode, experts, weights };
+}
+
+export function resolveRequest(pkg: ModelPackage, req: GenerateRequest): ResolvedRequest {
+  const m = pkg.manifest;
+  if (typeof req.prompt !== 'string' || req.prompt.trim() === '') throw bad('The prompt is empty.');
+  const models = chooseModels(pkg, req);
+  const scheduler = (req.scheduler ?? m.defaults.scheduler) as SchedulerName;
+  if (!SCHEDULER_NAMES.includes(scheduler)) {
+    throw bad(`Unknown scheduler "${scheduler}". Schedulers: ${SCHEDULER_NAMES.join(', ')}.`);
+  }
+  const multiple = m.latent.downsample;
+  const side = (name: string, value: number | undefined, fallback: number) => {
+    const v = integerIn(name, value ?? fallback, m.size.min, m.size.max);
+    if (v % multiple !== 0) throw bad(`${name} must be a multiple of ${multiple} (got ${v}).`);
+    return v;
+  };
+  return {
+    prompt: req.prompt.trim(),
+    negative: (req.negative ?? '').trim(),
+    ...models,
+    seed: integerIn('Seed', req.seed, 0, MAX_SEED),
+    steps: integerIn('Steps', req.steps ?? m.defaults.steps, 1, m.limits.maxSteps),
+    guidance: numberIn('Guidance', req.guidance ?? m.defaults.guidance, 0, MAX_GUIDANCE),
+    scheduler,
+    karras: req.karras ?? false,
+    count: integerIn('Count', req.count ?? 1, 1, m.limits.maxCount),
+    width: side('Width', req.width, m.defaults.width),
+    height: side('Height', req.height, m.defaults.height),
+    contributions: req.contributions ?? false,
+    preview: req.preview ?? false,
+  };
+}

@@ -1,0 +1,148 @@
+// The in-process engine host: an EngineClient whose engine runs in a worker_thread.
+import { Worker } from 'node:worker_threads';
+import {
+  EngineError,
+  type EngineClient,
+  type GenerateRequest,
+  type GenerateResult,
+  type PackageInfo,
+  type ProgressEvent,
+} from '../engine/api.ts';
+import type { EngineThreadOptions, FromThread, SerializedError, ToThread } from './protocol.ts';
+
+interface Pending {
+  resolve: (result: GenerateResult) => void;
+  reject: (err: Error) => void;
+  onProgress?: (event: ProgressEvent) => void;
+  cleanup: () => void;
+}
+
+function toError(e: SerializedError): EngineError {
+  return new EngineError(e.code as EngineError['code'], e.message);
+}
+
+function threadExecArgv(): string[] {
+  const args = [...process.execArgv];
+  const hasTsx = args.some((a) => a.includes('tsx'));
+  return hasTsx ? args : [...args, '--import', 'tsx'];
+}
+
+export class EngineWorker implements EngineClient {
+  private nextId = 1;
+  private pending = new Map<number, Pending>();
+  private exited = false;
+
+  private constructor(
+    private readonly worker: Worker,
+    private readonly packageInfo: PackageInfo,
+  ) {
+    worker.on('message', (m: FromThread) => this.onMessage(m));
+    worker.on('error', (err) => this.failAll(`The engine crashed: ${err.message}`));
+    worker.on('exit', (code) => {
+      this.exited = true;
+      this.failAll(`The engine stopped unexpectedly (exit code ${code}); the job was not finished.`);
+    });
+  }
+
+  static start(options: EngineThreadOptions): Promise<EngineWorker> {
+    const worker = new Worker(new URL('./engine-thread.ts', import.meta.url), {
+      workerData: options,
+      execArgv: threadExecArgv(),
+    });
+    return new Promise((resolve, reject) => {
+      const onMessage = (m: FromThread) => {
+        if (m.type === 'ready') {
+          worker.off('message', onMessage);
+          worker.off('exit', onExit);
+          resolve(new EngineWorker(worker, m.info));
+        } else if (m.type === 'load-error') {
+          worker.off('message', onMessage);
+          reject(toError(m.error));
+        }
+      };
+      const onExit = (code: number) => reject(new EngineError('internal', `The engine could not start (exit code ${code}).`));
+      worker.on('message', onMessage);
+      worker.once('exit', onExit);
+      worker.once('error', (err) => reject(new EngineError('internal', `The engine could not start: ${err.message}`)));
+    });
+  }
+
+  async info(): Promise<PackageInfo> {
+    return this.packageInfo;
+  }
+
+  generate(
+    request: GenerateRequest,
+    options: { signal?: AbortSignal; onProgress?: (event: ProgressEvent) => void } = {},
+  ): Promise<GenerateResult> {
+    if (this.exited) return Promise.reject(new EngineError('internal', 'The engine is not running.'));
+    if (options.signal?.aborted) return Promise.reject(new EngineError('cancelled', 'The generation was cancelled.'));
+    const id = this.nextId++;
+    const cancel = new SharedArrayBuffer(4);
+    const flag = new Int32Array(cancel);
+    return new Promise((resolve, reject) => {
+      const onAbort = () => Atomics.store(flag, 0, 1);
+      options.signal?.addEventListener('abort', onAbort, { once: true });
+      this.pending.set(id, {
+        resolve,
+        reject,
+        onProgress: options.onProgress,
+        cleanup: () => options.signal?.removeEventListener('abort', onAbort),
+      });
+      this.post({ type: 'generate', id, request, cancel });
+    });
+  }
+
+  async dispose(): Promise<void> {
+    if (this.exited) return;
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(resolve, 5000);
+      this.worker.on('message', (m: FromThread) => {
+        if (m.type === 'disposed') {
+          clearTimeout(timer);
+          resolve();
+        }
+      });
+      this.post({ type: 'dispose' });
+    });
+    this.failAll('The engine was shut down before the job finished.');
+    await this.worker.terminate();
+  }
+
+  private post(message: ToThread): void {
+    this.worker.postMessage(message);
+  }
+
+  private onMessage(m: FromThread): void {
+    if (m.type === 'progress') {
+      const p = this.pending.get(m.id);
+      try {
+        p?.onProgress?.(m.event);
+      } catch {
+        // a failing progress listener must not break the job
+      }
+      return;
+    }
+    if (m.type === 'result' || m.type === 'error') {
+      const p = this.pending.get(m.id);
+      if (!p) return;
+      this.pending.delete(m.id);
+      p.cleanup();
+      if (m.type === 'result') p.resolve(m.result);
+      else p.reject(toError(m.error));
+    }
+  }
+
+  private failAll(message: string): void {
+    for (const [id, p] of this.pending) {
+      this.pending.delete(id);
+      p.cleanup();
+      p.reject(new EngineError('internal', message));
+    }
+  }
+}
+
+/** Starts the engine in a worker thread and resolves once the model package is loaded. */
+export function startEngineWorker(options: EngineThreadOptions): Promise<EngineClient> {
+  return EngineWorker.start(options);
+}
