@@ -431,10 +431,8 @@ class _Block(nn.Module):
         super().__init__()
         self.resnets = nn.ModuleList(resnets)
         self.attentions = nn.ModuleList(attentions) if attentions is not None else None
-        if downsamplers is not None:
-            self.downsamplers = nn.ModuleList(downsamplers)
-        if upsamplers is not None:
-            self.upsamplers = nn.ModuleList(upsamplers)
+        self.downsamplers = nn.ModuleList(downsamplers) if downsamplers is not None else None
+        self.upsamplers = nn.ModuleList(upsamplers) if upsamplers is not None else None
 
     def layer(self, j: int, h: Tensor, temb: Tensor, context: Tensor, bias: Optional[Tensor]) -> Tensor:
         h = self.resnets[j](h, temb)
@@ -621,7 +619,7 @@ class UNet2DConditionModel(nn.Module):
         h = block.layer(j, h, temb, encoder_hidden_states, bias)
         if kind == "out":
             return self.conv_out(F.silu(self.conv_norm_out(h)))
-        if j == len(block.resnets) - 1 and hasattr(block, "upsamplers"):
+        if j == len(block.resnets) - 1 and block.upsamplers is not None:
             h = block.upsamplers[0](h, skips[-1].shape[-2:] if skips else None)
         return h
 

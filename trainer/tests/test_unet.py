@@ -296,6 +296,7 @@ def test_dtype_and_device_reach_every_layer():
     assert out.dtype == torch.float64
 
 
+@pytest.mark.filterwarnings("ignore")  # tracer/shape-inference notes from torch.onnx
 def test_exports_to_onnx_opset17():
     onnx = pytest.importorskip("onnx")
     model = tiny_model()
