@@ -90,15 +90,21 @@ def run_ensemble(models, weights, sample, timestep, context) -> torch.Tensor:
     return h
 
 
+def test_sd15_on_meta_has_sd15_size_without_allocating():
+    model = UNet2DConditionModel(UNetConfig.sd15(), device="meta")
+    assert len(model.state_dict()) == 686
+    assert count_parameters(model) == 859_520_964
+    assert all(p.is_meta for p in model.parameters())
+
+
+@pytest.mark.skipif(not os.path.exists(KEYS_JSON), reason="no shared SD1.5 key list (../shared/data)")
 def test_sd15_on_meta_matches_diffusers_keys_and_shapes():
     with open(KEYS_JSON) as f:
         reference = json.load(f)
     model = UNet2DConditionModel(UNetConfig.sd15(), device="meta")
     ours = {k: list(v.shape) for k, v in model.state_dict().items()}
     assert ours == reference["tensors"]
-    assert len(ours) == 686
-    assert count_parameters(model) == 859_520_964
-    assert all(p.is_meta for p in model.parameters())
+    assert reference["count"] == 686 and reference["parameters"] == 859_520_964
 
 
 def test_sd15_points():
