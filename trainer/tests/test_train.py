@@ -1,0 +1,525 @@
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.afa import AFAEnsemble
+from trainer.bpe import CLIPTokenizer, train_bpe
+from trainer.checkpointing import (CheckpointError, list_checkpoints, load_aggregators, load_checkpoint,
+                                   load_text_encoder, load_unet, load_vae, save_aggregators, save_checkpoint,
+                                   save_text_encoder, save_unet, save_vae)
+from trainer.data import (ImageFolder, LatentFile, StepBatches, encode_latents, read_png, read_png_minimal,
+                          write_png)
+from trainer.progress import Progress, format_duration
+from trainer.schedules import NoiseSchedule
+from trainer.text_encoder import CLIPTextEncoder, TextEncoderConfig
+from trainer.train import (EMA, SD15_SCHEDULER, TrainOptions, drop_captions, main, run_from_config, train_afa,
+                           train_unet, train_vae)
+from trainer.unet import CROSS_ATTN_DOWN, CROSS_ATTN_UP, PLAIN_DOWN, PLAIN_UP, UNet2DConditionModel, UNetConfig
+from trainer.vae import AutoencoderKL, VAEConfig
+
+CAPTIONS = ["a red square", "a blue circle", "a red circle", "a blue square"]
+TEXT_DIM = 16
+QUIET = dict(quiet=True)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    vocab, merges = train_bpe(CAPTIONS * 3, 560)
+    return CLIPTokenizer(vocab, merges)
+
+
+def small_unet_config(**overrides):
+    fields = dict(sample_size=8, block_out_channels=(16, 32), layers_per_block=1,
+                  down_block_types=(CROSS_ATTN_DOWN, PLAIN_DOWN), up_block_types=(PLAIN_UP, CROSS_ATTN_UP),
+                  attention_head_dim=2, cross_attention_dim=TEXT_DIM, norm_num_groups=8)
+    fields.update(overrides)
+    return UNetConfig(**fields)
+
+
+def small_text_encoder(tokenizer, seed=1):
+    torch.manual_seed(seed)
+    return CLIPTextEncoder(TextEncoderConfig.tiny(
+        vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+        hidden_size=TEXT_DIM, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+
+
+def small_unet(seed=2):
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(small_unet_config())
+
+
+def colour_latents():
+    """Latents that are a constant +1 ("red") or −1 ("blue"): learnable from the caption alone."""
+    return [(torch.full((4, 8, 8), 1.0 if "red" in c else -1.0), c) for c in CAPTIONS]
+
+
+def fixed_diffusion_loss(unet, text_encoder, tokenizer, data, seed=123):
+    """ε-MSE on a fixed batch, fixed noise and fixed timesteps spread over the schedule."""
+    schedule = NoiseSchedule.from_config(SD15_SCHEDULER)
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.stack([x for x, _ in data] * 2)
+    captions = [c for _, c in data] * 2
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.linspace(50, 950, x0.shape[0]).long()
+    with torch.no_grad():
+        hidden, _ = text_encoder(tokenizer(captions))
+        prediction = unet(schedule.add_noise(x0, noise, t), t, hidden)
+    return float((prediction - noise).pow(2).mean())
+
+
+def tensors_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# learning
+
+
+def test_unet_loss_decreases_and_evaluate_hook_runs(tokenizer, tmp_path):
+    unet, text_encoder = small_unet(), small_text_encoder(tokenizer)
+    data = colour_latents()
+    before = fixed_diffusion_loss(unet, text_encoder, tokenizer, data)
+    calls = []
+
+    def evaluate(step):
+        calls.append((step, unet.training))
+        return {"fixed_loss": fixed_diffusion_loss(unet, text_encoder, tokenizer, data)}
+
+    result = train_unet(unet, text_encoder, tokenizer, data, 16, batch_size=4, lr=5e-3, train_text_encoder=True,
+                        out_dir=str(tmp_path), checkpoint_every=8, evaluate=evaluate, **QUIET)
+    after = fixed_diffusion_loss(unet, text_encoder, tokenizer, data)
+    assert result.completed and result.step == 16 and len(result.losses) == 16
+    assert after < 0.6 * before, (before, after)
+    assert [s for s, _ in calls] == [8, 16] and not any(training for _, training in calls)
+    assert result.evaluations[-1][1]["fixed_loss"] == pytest.approx(after)
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in records if "eval" in r] == [8, 16]
+    assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+
+
+def test_vae_reconstruction_improves():
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig.tiny(block_out_channels=(8, 16), norm_num_groups=4))
+    colours = torch.tensor([[1.0, -1.0, -1.0], [-1.0, -1.0, 1.0], [-1.0, 1.0, -1.0], [0.5, 0.5, -0.5]])
+    data = [(c[:, None, None].expand(3, 8, 8).clone(), "") for c in colours]
+    x = torch.stack([img for img, _ in data])
+
+    def recon_error():
+        with torch.no_grad():
+            mean, _ = vae.encode(x)
+            return float((vae.decode(mean) - x).pow(2).mean())
+
+    before = recon_error()
+    result = train_vae(vae, data, 25, batch_size=4, lr=1e-2, grad_clip=1.0, **QUIET)
+    assert result.completed
+    assert recon_error() < 0.3 * before
+
+
+# ---------------------------------------------------------------------------------------------
+# AFA
+
+
+def small_ensemble(n=3):
+    unets = [small_unet(seed=10 + k) for k in range(n)]
+    torch.manual_seed(5)
+    return AFAEnsemble(unets, hidden=16, depth=1, heads=2, head_dim=8)
+
+
+def test_train_afa_changes_only_the_aggregators(tokenizer, tmp_path):
+    ensemble = small_ensemble(3)
+    text_encoder = small_text_encoder(tokenizer)
+    unets_before = [copy.deepcopy(u.state_dict()) for u in ensemble.unets]
+    text_before = copy.deepcopy(text_encoder.state_dict())
+    aggregators_before = copy.deepcopy(ensemble.aggregators.state_dict())
+
+    result = train_afa(ensemble, text_encoder, tokenizer, colour_latents(), 3, batch_size=4, lr=1e-2,
+                       expert_dropout=0.5, out_dir=str(tmp_path), expert_ids=["a", "b", "c"], **QUIET)
+
+    assert result.completed
+    for unet, before in zip(ensemble.unets, unets_before):
+        assert tensors_equal(unet.state_dict(), before)
+        assert not unet.training
+    assert tensors_equal(text_encoder.state_dict(), text_before)
+    after = ensemble.aggregators.state_dict()
+    changed = [k for k in after if not torch.equal(after[k], aggregators_before[k])]
+    assert any(k.endswith("to_logits.weight") for k in changed)
+    assert len(changed) > len(after) // 2
+    # the checkpoint holds only the aggregators
+    config = json.load(open(os.path.join(result.checkpoint, "config.json")))
+    assert config["modules"] == ["aggregators"]
+    afa_config = json.load(open(tmp_path / "final" / "afa" / "config.json"))
+    assert afa_config["expert_ids"] == ["a", "b", "c"] and afa_config["num_experts"] == 3
+    # the reference recipe is the default
+    assert config["config"]["caption_dropout"] == 0.1
+    options = config["config"]["options"]
+    assert options["weight_decay"] == 0.01 and options["warmup_steps"] == 0 and options["grad_clip"] is None
+    assert config["config"]["scheduler"]["beta_schedule"] == "scaled_linear"
+
+
+def test_afa_per_expert_text_encoders_are_stacked(tokenizer):
+    ensemble = small_ensemble(2)
+    encoders = [small_text_encoder(tokenizer, seed=1), small_text_encoder(tokenizer, seed=2)]
+    seen = []
+    original = ensemble.forward
+
+    def spy(sample, timestep, ehs, mask=None, **kwargs):
+        seen.append(ehs.shape)
+        return original(sample, timestep, ehs, mask, **kwargs)
+
+    ensemble.forward = spy
+    train_afa(ensemble, encoders, [tokenizer, tokenizer], colour_latents(), 1, batch_size=2, **QUIET)
+    assert seen == [torch.Size([2, 2, 77, TEXT_DIM])]
+
+
+# ---------------------------------------------------------------------------------------------
+# determinism and resuming
+
+
+def unet_run(tokenizer, out_dir, steps, **kwargs):
+    unet, text_encoder = small_unet(), small_text_encoder(tokenizer)
+    data = [(x, [c, c.replace("a ", "one ")]) for x, c in colour_latents()]  # caption alternatives
+    result = train_unet(unet, text_encoder, tokenizer, data, steps, batch_size=3, lr=2e-3, warmup_steps=2,
+                        grad_clip=0.5, ema_decay=0.9, caption_dropout=0.3, train_text_encoder=True,
+                        snr_weighting="min_snr", out_dir=str(out_dir), seed=7, **QUIET, **kwargs)
+    return result, unet, text_encoder
+
+
+def test_resume_equals_straight_training(tokenizer, tmp_path):
+    first, _, _ = unet_run(tokenizer, tmp_path / "split", 3)
+    assert first.step == 3
+    second, unet_resumed, te_resumed = unet_run(tokenizer, tmp_path / "split", 6)
+    assert second.start_step == 3 and second.step == 6
+    straight, unet_straight, te_straight = unet_run(tokenizer, tmp_path / "straight", 6)
+
+    assert first.losses + second.losses == straight.losses
+    assert tensors_equal(unet_resumed.state_dict(), unet_straight.state_dict())
+    assert tensors_equal(te_resumed.state_dict(), te_straight.state_dict())
+    a = load_checkpoint_files(second.checkpoint)
+    b = load_checkpoint_files(straight.checkpoint)
+    assert tensors_equal(a["ema"], b["ema"])
+    assert tensors_equal(a["state"], b["state"]) and tensors_equal(a["optimizer"], b["optimizer"])
+    # the EMA differs from the raw weights, and final/ holds the EMA weights
+    final_unet = load_unet(tmp_path / "straight" / "final" / "unet")
+    ema_unet = {k[len("unet."):]: v for k, v in b["ema"].items() if k.startswith("unet.")}
+    assert tensors_equal(final_unet.state_dict(), ema_unet)
+    assert not tensors_equal(final_unet.state_dict(), unet_straight.state_dict())
+
+
+def load_checkpoint_files(path):
+    from trainer.checkpoint_io import load_safetensors
+
+    return {name: load_safetensors(os.path.join(path, f"{name}.safetensors")) for name in ("ema", "state", "optimizer")}
+
+
+def test_time_budget_stops_with_a_checkpoint_and_resumes(tokenizer, tmp_path):
+    result, _, _ = unet_run(tokenizer, tmp_path, 50, max_minutes=1e-5)
+    assert result.stopped_by_budget and not result.completed and result.step == 1
+    assert list_checkpoints(tmp_path) == [(1, result.checkpoint)]
+    assert json.load(open(tmp_path / "final" / "training.json"))["completed"] is False
+    resumed, _, _ = unet_run(tokenizer, tmp_path, 2)
+    assert resumed.start_step == 1 and resumed.completed
+
+
+def test_caption_dropout_rate():
+    g = torch.Generator().manual_seed(0)
+    dropped = drop_captions(["x"] * 20000, 0.1, g)
+    assert 0.09 < dropped.count("") / 20000 < 0.11
+    assert drop_captions(["x"] * 100, 0.0, g) == ["x"] * 100
+    assert drop_captions(["x"] * 100, 1.0, g) == [""] * 100
+
+
+def test_caption_dropout_inside_the_loop(tokenizer):
+    unet, text_encoder = small_unet(), small_text_encoder(tokenizer)
+    empty = tokenizer([""])[0]
+    rows = []
+    original = text_encoder.forward
+
+    def spy(input_ids, attention_mask=None):
+        rows.extend(input_ids)
+        return original(input_ids, attention_mask)
+
+    text_encoder.forward = spy
+    train_unet(unet, text_encoder, tokenizer, colour_latents(), 6, batch_size=16, caption_dropout=0.3, **QUIET)
+    assert len(rows) == 96
+    dropped = sum(bool(torch.equal(r, empty)) for r in rows)
+    assert 15 <= dropped <= 45  # expected 28.8 (binomial sd 4.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints and model folders
+
+
+def test_checkpoint_round_trip_and_pruning(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(5, 3)).sum().backward()
+    optimizer.step()
+    generator = torch.Generator().manual_seed(3)
+    torch.rand(7, generator=generator)
+    ema = EMA(dict(model.named_parameters()), 0.99)
+    for step in (10, 20, 30):
+        path = save_checkpoint(tmp_path, step, {"net": model}, optimizer, generator, ema.state_dict(),
+                               {"note": "x"}, keep=2)
+    os.makedirs(tmp_path / "checkpoints" / ".tmp-step-00000040-1")  # an interrupted save is ignored
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [20, 30]
+
+    fresh = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    fresh_gen = torch.Generator().manual_seed(99)
+    loaded = load_checkpoint(path, {"net": fresh}, fresh_opt, fresh_gen)
+    assert loaded.step == 30 and loaded.config["note"] == "x"
+    assert tensors_equal(fresh.state_dict(), model.state_dict())
+    assert torch.equal(torch.rand(5, generator=fresh_gen), torch.rand(5, generator=generator))
+    saved, restored = optimizer.state_dict(), fresh_opt.state_dict()
+    assert restored["param_groups"] == saved["param_groups"]
+    assert saved["state"].keys() == restored["state"].keys()
+    for index, entries in saved["state"].items():
+        assert entries.keys() == restored["state"][index].keys()
+        for name, value in entries.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(restored["state"][index][name])), name
+    assert tensors_equal(loaded.ema_state, ema.state_dict())
+
+    wrong = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2))
+    with pytest.raises(CheckpointError, match=r"0\.weight: file \[4, 3\] vs model \[5, 3\]"):
+        load_checkpoint(path, {"net": wrong})
+    with pytest.raises(CheckpointError, match="does not train: net.0.bias"):
+        load_checkpoint(path, {"other": model})
+
+
+def test_model_folders_round_trip(tokenizer, tmp_path):
+    unet, text_encoder = small_unet(), small_text_encoder(tokenizer)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig.tiny(block_out_channels=(8, 16), norm_num_groups=4))
+    ensemble = small_ensemble(2)
+    torch.nn.init.normal_(ensemble.aggregators[0].to_logits.weight)
+    save_unet(unet, tmp_path / "unet")
+    save_text_encoder(text_encoder, tmp_path / "text_encoder")
+    save_vae(vae, tmp_path / "vae")
+    save_aggregators(ensemble, tmp_path / "afa", {"expert_ids": ["x", "y"]})
+
+    assert tensors_equal(load_unet(tmp_path).state_dict(), unet.state_dict())
+    assert tensors_equal(load_text_encoder(tmp_path).state_dict(), text_encoder.state_dict())
+    assert load_text_encoder(tmp_path).config == text_encoder.config
+    assert tensors_equal(load_vae(tmp_path).state_dict(), vae.state_dict())
+    other = small_ensemble(2)
+    load_aggregators(other, tmp_path)
+    assert tensors_equal(other.aggregators.state_dict(), ensemble.aggregators.state_dict())
+    bigger = AFAEnsemble([small_unet(), small_unet()], hidden=32, depth=1, heads=2, head_dim=8)
+    with pytest.raises(CheckpointError, match="hidden 16 .file. vs 32"):
+        load_aggregators(bigger, tmp_path)
+
+
+def test_ema_tracks_and_swaps():
+    p = torch.nn.Parameter(torch.zeros(2))
+    ema = EMA({"p": p}, 0.5)
+    with torch.no_grad():
+        p.fill_(1.0)
+    ema.update(step=100)  # decay min(0.5, 101/110) = 0.5
+    assert torch.allclose(ema.shadow["p"], torch.full((2,), 0.5))
+    with ema.applied():
+        assert torch.equal(p.detach(), torch.full((2,), 0.5))
+    assert torch.equal(p.detach(), torch.ones(2))
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def test_png_writer_and_minimal_decoder(tmp_path):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(9, 7, 3), dtype=np.uint8)
+    write_png(str(tmp_path / "a.png"), pixels)
+    assert np.array_equal(read_png_minimal(str(tmp_path / "a.png")), pixels)
+    assert np.array_equal(read_png(str(tmp_path / "a.png")), pixels)
+    grey = rng.integers(0, 256, size=(5, 6), dtype=np.uint8)
+    write_png(str(tmp_path / "g.png"), grey)
+    assert np.array_equal(read_png_minimal(str(tmp_path / "g.png")), np.repeat(grey[:, :, None], 3, 2))
+
+
+def png_with_every_filter(path, pixels):
+    """An RGB PNG whose rows cycle through filter types 0-4 (None, Sub, Up, Average, Paeth)."""
+    import struct
+    import zlib
+
+    height, width, _ = pixels.shape
+    rows = pixels.reshape(height, width * 3).astype(int)
+    raw = bytearray()
+    for y in range(height):
+        kind = y % 5
+        line, prev = rows[y], rows[y - 1] if y else np.zeros(width * 3, int)
+        raw.append(kind)
+        for x in range(width * 3):
+            a = line[x - 3] if x >= 3 else 0
+            b = prev[x]
+            c = prev[x - 3] if x >= 3 else 0
+            p = a + b - c
+            paeth = a if abs(p - a) <= abs(p - b) and abs(p - a) <= abs(p - c) else (b if abs(p - b) <= abs(p - c) else c)
+            predictor = [0, a, b, (a + b) // 2, paeth][kind]
+            raw.append((line[x] - predictor) % 256)
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(bytes(raw))) + chunk(b"IEND", b""))
+
+
+def test_minimal_decoder_undoes_every_filter_type(tmp_path):
+    pixels = np.random.default_rng(1).integers(0, 256, size=(10, 6, 3), dtype=np.uint8)
+    png_with_every_filter(str(tmp_path / "f.png"), pixels)
+    assert np.array_equal(read_png_minimal(str(tmp_path / "f.png")), pixels)
+
+
+def test_minimal_decoder_matches_pillow(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    x = np.arange(24 * 20 * 3).reshape(24, 20, 3)
+    pixels = ((x * 7 + (x // 60) ** 2) % 256).astype(np.uint8)  # smooth-ish: Pillow picks varied filters
+    for mode, array in (("RGB", pixels), ("RGBA", np.dstack([pixels, pixels[:, :, :1]])), ("L", pixels[:, :, 0])):
+        path = str(tmp_path / f"{mode}.png")
+        Image.fromarray(array, mode).save(path, optimize=True)
+        expected = np.asarray(Image.open(path).convert("RGB"))
+        assert np.array_equal(read_png_minimal(path), expected), mode
+    for colours in (2, 4, 16, 200):  # 1-, 2-, 4- and 8-bit palettes
+        path = str(tmp_path / f"P{colours}.png")
+        Image.fromarray(pixels).quantize(colours).save(path, bits=max(1, (colours - 1).bit_length()))
+        assert np.array_equal(read_png_minimal(path), np.asarray(Image.open(path).convert("RGB"))), colours
+    path = str(tmp_path / "bw.png")
+    Image.fromarray(pixels[:, :, 0] > 100).save(path)  # 1-bit grey
+    assert np.array_equal(read_png_minimal(path), np.asarray(Image.open(path).convert("RGB")))
+
+
+def test_image_folder_and_latent_file(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[:, :, 0] = 255
+    write_png(str(folder / "a.png"), red)
+    (folder / "a.txt").write_text("a red square\n")
+    np.save(folder / "b.npy", np.zeros((3, 8, 8), np.float32))
+    (folder / "captions.json").write_text(json.dumps({"b.npy": ["grey", "a grey square"]}))
+    data = ImageFolder(str(folder))
+    assert len(data) == 2
+    image, caption = data[0]
+    assert caption == "a red square" and image.shape == (3, 8, 8)
+    assert torch.equal(image[0], torch.ones(8, 8)) and torch.equal(image[1], -torch.ones(8, 8))
+    assert data[1][1] == ["grey", "a grey square"]
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig.tiny(block_out_channels=(8, 16), norm_num_groups=4))
+    encode_latents(vae, data, str(tmp_path / "latents.safetensors"), batch_size=1)
+    latents = LatentFile(str(tmp_path / "latents.safetensors"))
+    with torch.no_grad():
+        mean, _ = vae.encode(data[0][0][None])
+    assert len(latents) == 2 and latents[1][1] == ["grey", "a grey square"]
+    assert torch.allclose(latents[0][0], mean[0] * vae.config.scaling_factor, atol=1e-6)
+
+    (folder / "c.png").write_bytes((folder / "a.png").read_bytes())
+    with pytest.raises(ValueError, match="no caption for 1 image"):
+        ImageFolder(str(folder))
+
+
+def test_step_batches_are_a_function_of_seed_and_step():
+    data = [(torch.tensor([float(i)]), str(i)) for i in range(5)]
+    batches = StepBatches(data, batch_size=2, seed=4)
+    order = [i for step in range(5) for i in batches.indices(step)]
+    assert sorted(order[:5]) == list(range(5)) and sorted(order[5:10]) == list(range(5))
+    assert order != list(range(5)) * 2
+    fresh = StepBatches(data, batch_size=2, seed=4)
+    assert fresh.indices(3) == batches.indices(3)
+    assert StepBatches(data, batch_size=2, seed=5).indices(0) != batches.indices(0) or \
+        StepBatches(data, batch_size=2, seed=5).indices(1) != batches.indices(1)
+    x, captions = batches(1)
+    assert x.shape == (2, 1) and captions == [str(int(v)) for v in x[:, 0]]
+
+
+# ---------------------------------------------------------------------------------------------
+# progress
+
+
+def test_progress_lines_and_eta():
+    now = [0.0]
+    progress = Progress(100, start_step=20, every=10, stream=None, clock=lambda: now[0])
+    lines = []
+    for step in range(21, 41):
+        now[0] += 0.5
+        line = progress.update(step, loss=float(step), extras={"kl": 2.0})
+        if line:
+            lines.append(line)
+    assert len(lines) == 3  # the run's first step, 30, 40
+    assert lines[-1].startswith("step  40/100  loss ")
+    assert "2.00 steps/s" in lines[-1] and "ETA 30s" in lines[-1] and "kl 2.0000" in lines[-1]
+    budgeted = Progress(1000, every=1, budget_seconds=10, stream=None, clock=lambda: now[0])
+    now[0] += 4
+    assert "ETA 6s" in budgeted.update(1, 1.0)
+    assert [format_duration(s) for s in (5, 381, 3720, 200000)] == ["5s", "6m21s", "1h02m", "2d07h"]
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def write_cli_fixture(tmp_path, tokenizer):
+    from trainer.bpe import write_tokenizer_files
+
+    merges = [pair for pair, _ in sorted(tokenizer.bpe_ranks.items(), key=lambda item: item[1])]
+    write_tokenizer_files(tokenizer.encoder, merges, str(tmp_path / "tok"))
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, caption in enumerate(CAPTIONS):
+        pixels = np.zeros((16, 16, 3), np.uint8)
+        pixels[:, :, 0 if "red" in caption else 2] = 255
+        write_png(str(images / f"{i}.png"), pixels)
+        (images / f"{i}.txt").write_text(caption)
+    unet_config = small_unet_config().to_dict()
+    text_config = {"hidden_size": TEXT_DIM, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
+    vae_config = {"block_out_channels": [8, 16], "norm_num_groups": 4, "layers_per_block": 1}
+    return {
+        "data": {"type": "folder", "path": str(images)},
+        "tokenizer": str(tmp_path / "tok"),
+        "unet": {"config": unet_config},
+        "text_encoder": {"config": text_config},
+        "vae": {"config": vae_config},
+        "train": {"batch_size": 2, "lr": 1e-3, "caption_dropout": 0.1, "log_every": 1},
+    }
+
+
+def test_cli_trains_vae_unet_and_afa(tokenizer, tmp_path, capsys):
+    base = write_cli_fixture(tmp_path, tokenizer)
+    vae_cfg = {**base, "out_dir": str(tmp_path / "vae"), "train": {"batch_size": 2, "kl_weight": 1e-4}}
+    (tmp_path / "vae.json").write_text(json.dumps(vae_cfg))
+    assert main(["vae", "--config", str(tmp_path / "vae.json"), "--steps", "1", "--device", "cpu"]) == 0
+    assert os.path.isfile(tmp_path / "vae" / "final" / "vae" / "diffusion_pytorch_model.safetensors")
+
+    unet_cfg = {**base, "out_dir": str(tmp_path / "unet"), "vae": {"pretrained": str(tmp_path / "vae" / "final")}}
+    (tmp_path / "unet.json").write_text(json.dumps(unet_cfg))
+    assert main(["unet", "--config", str(tmp_path / "unet.json"), "--steps", "1"]) == 0
+    assert main(["unet", "--config", str(tmp_path / "unet.json"), "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "step 2/2  loss" in out and "ETA" in out
+    final = tmp_path / "unet" / "final"
+    assert {"unet", "tokenizer", "scheduler", "training.json"} <= set(os.listdir(final))
+    assert CLIPTokenizer.from_dir(str(final / "tokenizer")).encode("a red circle") == tokenizer.encode("a red circle")
+
+    save_text_encoder(small_text_encoder(tokenizer), tmp_path / "te")
+    afa_cfg = {**base, "out_dir": str(tmp_path / "afa"), "vae": {"pretrained": str(tmp_path / "vae" / "final")},
+               "experts": [{"pretrained": str(final)}, {"pretrained": str(final / "unet")}],
+               "expert_ids": ["one", "two"], "text_encoders": {"pretrained": str(tmp_path / "te")},
+               "afa": {"hidden": 16, "depth": 1, "heads": 2, "head_dim": 8},
+               "train": {"batch_size": 2, "expert_dropout": 0.5}}
+    result = run_from_config("afa", afa_cfg, {"steps": 1, "quiet": True})
+    assert result.completed
+    assert json.load(open(tmp_path / "afa" / "final" / "afa" / "config.json"))["expert_ids"] == ["one", "two"]
+
+    with pytest.raises(ValueError, match="unknown train key.*bogus"):
+        run_from_config("unet", {**unet_cfg, "train": {"bogus": 1}})
+
+
+def test_options_reject_unknown_names():
+    with pytest.raises(TypeError, match="learning_rate"):
+        TrainOptions.build(None, learning_rate=1.0)
+    assert TrainOptions.build({"adam_betas": [0.9, 0.99]}, steps=5).adam_betas == (0.9, 0.99)
