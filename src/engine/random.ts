@@ -91,11 +91,11 @@ function bitsToFloat(bits: number): number {
 }
 
 /**
- * Single-rounded float32 fused multiply-add for float32 inputs. a·b is exact in a double; the sum is
+ * Single-rounded float32 fused multiply-add (C's fmaf) for float32 inputs. a·b is exact in a double; the sum is
  * rounded once to double, which only misleads the final float32 rounding when it lands exactly on a
  * float32 halfway point, so that case is decided by the sign of the sum's rounding error.
  */
-function fmaf(a: number, b: number, c: number): number {
+export function fmaf(a: number, b: number, c: number): number {
   const product = a * b;
   const sum = product + c;
   const rounded = f32(sum);
