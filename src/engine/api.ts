@@ -81,7 +81,8 @@ export interface ResolvedParams {
 export interface GenerateResult {
   params: ResolvedParams;
   images: GeneratedImage[];
-  timings: { totalMs: number; denoiseMs: number; decodeMs: number; runMs: number };
+  /** runMs: time inside onnxruntime's session.run (all graphs); denoiseRunMs: the part spent in the denoising loop. */
+  timings: { totalMs: number; denoiseMs: number; decodeMs: number; runMs: number; denoiseRunMs: number };
   warnings: string[];
 }
 

@@ -74,7 +74,7 @@ export class Engine {
 
     const scheduler = createScheduler(req.scheduler, await this.pkg.schedulerConfig(), req.steps, { karras: req.karras });
     const generators = Array.from({ length: batch }, (_, i) => new TorchGenerator(BigInt(req.seed) + BigInt(i)));
-    let latents = new Float32Array(batch * perImage);
+    let latents: Float32Array = new Float32Array(batch * perImage);
     generators.forEach((g, i) => {
       const noise = g.randn(perImage);
       for (let j = 0; j < perImage; j++) latents[i * perImage + j] = noise[j] * scheduler.initNoiseSigma;
@@ -88,8 +88,10 @@ export class Engine {
     const n = denoiser.experts.length;
     const weightSums = req.contributions ? new Float64Array(batch * n * h * w) : undefined;
     const afaIndex = req.ensemble ? denoiser.experts.map((e) => req.ensemble!.experts.indexOf(e.id)) : undefined;
+    const loopRunBefore = await this.runMsSoFar();
     const loopStart = performance.now();
-    for (let step = 0; step < req.steps; step++) {
+    const totalSteps = scheduler.timesteps.length;
+    for (let step = 0; step < totalSteps; step++) {
       checkCancelled();
       const t = scheduler.timesteps[step];
       const scaled = scheduler.scaleModelInput(latents, step);
@@ -110,9 +112,9 @@ export class Engine {
         }
       }
       if (options.onProgress) {
-        const event: ProgressEvent = { step: step + 1, steps: req.steps };
-        const every = Math.max(1, Math.floor(req.steps / 5));
-        if (req.preview && step + 1 < req.steps && (step + 1) % every === 0) {
+        const event: ProgressEvent = { step: step + 1, steps: totalSteps };
+        const every = Math.max(1, Math.floor(totalSteps / 5));
+        if (req.preview && step + 1 < totalSteps && (step + 1) % every === 0) {
           event.preview = (await this.decode(latents.subarray(0, perImage), 1, channels, h, w))[0];
         }
         options.onProgress(event);
@@ -120,13 +122,14 @@ export class Engine {
     }
     checkCancelled();
     const denoiseMs = performance.now() - loopStart;
+    const denoiseRunMs = (await this.runMsSoFar()) - loopRunBefore;
     const decodeStart = performance.now();
     const rgb = await this.decode(latents, batch, channels, h, w);
     const decodeMs = performance.now() - decodeStart;
 
     const images: GeneratedImage[] = rgb.map((image, b) => {
       const result: GeneratedImage = { seed: req.seed + b, image };
-      if (weightSums) result.contributions = toContributionMaps(weightSums, b, denoiser.experts, h, w, req.steps, req.mode === 'single');
+      if (weightSums) result.contributions = toContributionMaps(weightSums, b, denoiser.experts, h, w, totalSteps);
       return result;
     });
     const runAfter = await this.runMsSoFar();
@@ -150,7 +153,7 @@ export class Engine {
         truncatedWords,
       },
       images,
-      timings: { totalMs: performance.now() - started, denoiseMs, decodeMs, runMs: runAfter - runBefore },
+      timings: { totalMs: performance.now() - started, denoiseMs, decodeMs, runMs: runAfter - runBefore, denoiseRunMs },
       warnings,
     };
   }
@@ -258,7 +261,6 @@ function toContributionMaps(
   h: number,
   w: number,
   steps: number,
-  _single: boolean,
 ): ContributionMaps {
   const n = experts.length;
   const weights: Float32Array[] = [];
