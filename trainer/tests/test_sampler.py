@@ -15,9 +15,15 @@ from trainer.sampler import (
 )
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-GOLDEN = json.loads((DATA / "scheduler_golden.json").read_text())
+GOLDEN_FILE = DATA / "scheduler_golden.json"
+GOLDEN = json.loads(GOLDEN_FILE.read_text()) if GOLDEN_FILE.exists() else {"cases": []}
 CASES = [c for c in GOLDEN["cases"] if c["scheduler"] in ("DDIMScheduler", "EulerDiscreteScheduler")]
-SD15 = CASES[0]["config"]
+needs_golden = pytest.mark.skipif(not GOLDEN_FILE.exists(), reason="needs ../shared/data (golden files)")
+SD15 = {
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "steps_offset": 1, "prediction_type": "epsilon", "timestep_spacing": "leading", "set_alpha_to_one": False,
+    "clip_sample": False,
+}
 
 
 def fake_model(x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -26,6 +32,7 @@ def fake_model(x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Te
     return (0.5 * x.double() * torch.cos(t64 / 300) + 0.1 * torch.sin(t64 / 50)).float()
 
 
+@needs_golden
 def test_golden_file_has_ddim_and_euler_cases():
     names = {c["id"] for c in CASES}
     assert {"ddim_leading_50", "ddim_trailing_20", "euler_linspace_20", "euler_leading_karras_20"} <= names
@@ -55,6 +62,7 @@ def test_trajectory_matches_diffusers_golden(case):
     assert result.contributions is None
 
 
+@needs_golden
 def test_initial_latents_use_one_generator_per_image():
     golden = json.loads((DATA / "torch_randn_golden.json").read_text())["cases"][0]
     shape = golden["shape"]
