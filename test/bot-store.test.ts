@@ -41,7 +41,7 @@ test('jobs survive closing and reopening the database, with their state', () => 
           scheduler: 'ddim', karras: false, width: 64, height: 64, count: 1, model: 'tiny@1', truncatedWords: [],
         },
         seeds: [5],
-        timings: { totalMs: 8, denoiseMs: 6, decodeMs: 1, runMs: 7 },
+        timings: { totalMs: 8, denoiseMs: 6, decodeMs: 1, runMs: 7, denoiseRunMs: 5 },
         warnings: [],
       },
     });

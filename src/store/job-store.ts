@@ -1,7 +1,7 @@
 import { mkdirSync } from 'node:fs';
 import path from 'node:path';
 import Database from 'better-sqlite3';
-import type { GenerateRequest, ResolvedParams } from '../engine/api.ts';
+import type { GenerateRequest, GenerateResult, ResolvedParams } from '../engine/api.ts';
 
 export type JobStatus = 'queued' | 'running' | 'done' | 'failed' | 'cancelled';
 /** imagine: a /imagine command; reroll: same request, new seed; panel / compare: renders of a finished job. */
@@ -17,7 +17,7 @@ export type ReplyRoute =
 export interface JobResultSummary {
   params: ResolvedParams;
   seeds: number[];
-  timings: { totalMs: number; denoiseMs: number; decodeMs: number; runMs: number };
+  timings: GenerateResult['timings'];
   warnings: string[];
 }
 
@@ -159,6 +159,9 @@ export class JobStore {
       setStatusMessage: this.db.prepare('UPDATE jobs SET status_message_id = ? WHERE id = ?'),
       setResultMessage: this.db.prepare('UPDATE jobs SET result_message_id = ? WHERE id = ?'),
       setReply: this.db.prepare('UPDATE jobs SET reply = ? WHERE id = ?'),
+      moveToChannel: this.db.prepare(
+        `UPDATE jobs SET reply = '{"type":"channel"}', status_message_id = NULL, reply_to_message_id = ? WHERE id = ?`,
+      ),
       markDeleted: this.db.prepare('UPDATE jobs SET deleted = 1 WHERE id = ?'),
       byMessage: this.db.prepare(
         `SELECT * FROM jobs WHERE result_message_id = ? OR status_message_id = ? ORDER BY result_message_id = ? DESC, created_at DESC LIMIT 1`,
@@ -227,6 +230,11 @@ export class JobStore {
 
   setReply(id: string, reply: ReplyRoute): void {
     this.statements.setReply.run(JSON.stringify(reply), id);
+  }
+
+  /** From now on the job posts channel messages (replying to `replyToMessageId`, if any). */
+  moveToChannel(id: string, replyToMessageId: string | null): void {
+    this.statements.moveToChannel.run(replyToMessageId, id);
   }
 
   markDeleted(id: string): void {

@@ -1,0 +1,116 @@
+import { MessageFlags, SlashCommandBuilder, type AutocompleteInteraction, type ChatInputCommandInteraction } from 'discord.js';
+import { MODES, SCHEDULER_NAMES } from '../src/engine/api.ts';
+import { channelAllowed, channelRefusal, type BotContext, type SlashCommand } from '../src/bot/context.ts';
+import { buildImagineRequest, LIMITS } from '../src/bot/imagine-request.ts';
+import { newJobId } from '../src/bot/job-service.ts';
+import { modelSuggestions } from '../src/bot/model-choice.ts';
+
+const MODE_LABELS: Record<string, string> = {
+  afa: 'AFA — trained ensemble (adaptive feature aggregation)',
+  average: 'Average — mean of the models’ predictions',
+  merge: 'Merge — average of the models’ weights',
+  single: 'Single model',
+};
+const SCHEDULER_LABELS: Record<string, string> = { ddim: 'DDIM', euler: 'Euler', euler_a: 'Euler a', dpmpp_2m: 'DPM++ 2M' };
+
+const data = new SlashCommandBuilder()
+  .setName('imagine')
+  .setDescription('Draw a picture with one model or an ensemble of models')
+  .addStringOption((o) =>
+    o.setName('prompt').setDescription('What to draw').setRequired(true).setMinLength(1).setMaxLength(LIMITS.promptMaxLength),
+  )
+  .addStringOption((o) =>
+    o.setName('model').setDescription('Ensemble, expert, or experts joined by + (e.g. curves+blocks)').setAutocomplete(true).setMaxLength(200),
+  )
+  .addStringOption((o) =>
+    o
+      .setName('mode')
+      .setDescription('How several models are combined (default: from the model)')
+      .addChoices(...MODES.map((mode) => ({ name: MODE_LABELS[mode], value: mode }))),
+  )
+  .addStringOption((o) => o.setName('negative').setDescription('What to avoid').setMaxLength(LIMITS.negativeMaxLength))
+  .addIntegerOption((o) => o.setName('seed').setDescription('Same seed, same picture').setMinValue(0).setMaxValue(LIMITS.maxSeed))
+  .addIntegerOption((o) => o.setName('steps').setDescription('Denoising steps').setMinValue(LIMITS.minSteps).setMaxValue(LIMITS.maxSteps))
+  .addNumberOption((o) =>
+    o.setName('guidance').setDescription('How closely to follow the prompt (CFG scale)').setMinValue(LIMITS.minGuidance).setMaxValue(LIMITS.maxGuidance),
+  )
+  .addStringOption((o) =>
+    o
+      .setName('scheduler')
+      .setDescription('Sampler')
+      .addChoices(...SCHEDULER_NAMES.map((name) => ({ name: SCHEDULER_LABELS[name], value: name }))),
+  )
+  .addIntegerOption((o) => o.setName('count').setDescription('Pictures at once (a grid)').setMinValue(LIMITS.minCount).setMaxValue(LIMITS.maxCount))
+  .addBooleanOption((o) => o.setName('contributions').setDescription('Also show which model drew which part'));
+
+async function execute(interaction: ChatInputCommandInteraction, ctx: BotContext): Promise<void> {
+  const ephemeral = (content: string) => interaction.reply({ content, flags: MessageFlags.Ephemeral, allowedMentions: { parse: [] } });
+  if (!channelAllowed(ctx.config, interaction.channelId)) {
+    await ephemeral(channelRefusal(ctx.config));
+    return;
+  }
+  const { options } = interaction;
+  const built = buildImagineRequest(
+    {
+      prompt: options.getString('prompt'),
+      model: options.getString('model'),
+      mode: options.getString('mode'),
+      negative: options.getString('negative'),
+      seed: options.getInteger('seed'),
+      steps: options.getInteger('steps'),
+      guidance: options.getNumber('guidance'),
+      scheduler: options.getString('scheduler'),
+      count: options.getInteger('count'),
+      contributions: options.getBoolean('contributions'),
+    },
+    ctx.info,
+    { blockedWords: ctx.config.blockedWords },
+  );
+  if (!built.ok) {
+    await ephemeral(built.message);
+    return;
+  }
+  const verdict = ctx.jobs.check(interaction.user.id);
+  if (!verdict.accepted) {
+    await ephemeral(verdict.message);
+    return;
+  }
+  // Acknowledge first; the job is stored and queued synchronously while the defer is in flight.
+  const ack = interaction.deferReply();
+  const submitted = ctx.jobs.submit(
+    {
+      id: newJobId(),
+      kind: 'imagine',
+      userId: interaction.user.id,
+      guildId: interaction.guildId,
+      channelId: interaction.channelId,
+      request: built.request,
+      reply: {
+        type: 'interaction',
+        applicationId: interaction.applicationId,
+        interactionId: interaction.id,
+        token: interaction.token,
+        tokenIssuedAt: interaction.createdTimestamp,
+      },
+      parentJobId: null,
+      replyToMessageId: null,
+    },
+    ack,
+  );
+  await ack;
+  if (!submitted.accepted) {
+    await interaction.followUp({ content: submitted.message, flags: MessageFlags.Ephemeral });
+    await interaction.deleteReply().catch(() => undefined);
+  }
+}
+
+async function autocomplete(interaction: AutocompleteInteraction, ctx: BotContext): Promise<void> {
+  const focused = interaction.options.getFocused(true);
+  if (focused.name !== 'model') {
+    await interaction.respond([]);
+    return;
+  }
+  await interaction.respond(modelSuggestions(String(focused.value), ctx.info));
+}
+
+export const imagine: SlashCommand = { data, execute, autocomplete };

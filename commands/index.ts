@@ -1,0 +1,8 @@
+import type { SlashCommand } from '../src/bot/context.ts';
+import { cancel } from './cancel.ts';
+import { imagine } from './imagine.ts';
+import { models } from './models.ts';
+import { queue } from './queue.ts';
+
+/** Every slash command, as registered by the deploy script and routed by the bot. */
+export const commands: readonly SlashCommand[] = [imagine, models, queue, cancel];

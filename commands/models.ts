@@ -1,0 +1,38 @@
+import { EmbedBuilder, MessageFlags, SlashCommandBuilder, type ChatInputCommandInteraction } from 'discord.js';
+import type { PackageInfo } from '../src/engine/api.ts';
+import { clip, expertTitle } from '../src/bot/messages.ts';
+import type { BotContext, SlashCommand } from '../src/bot/context.ts';
+
+const data = new SlashCommandBuilder().setName('models').setDescription('The models and ensembles I can draw with');
+
+export function modelsEmbed(info: PackageInfo): EmbedBuilder {
+  const ensembles = info.ensembles.map(
+    (e) => `**${e.title}** \`${e.id}\` — AFA of ${e.experts.map((id) => expertTitle(info, id)).join(', ')}${e.description ? `: ${e.description}` : ''}`,
+  );
+  const experts = info.experts.map((e) => `**${e.title}** \`${e.id}\` — ${e.description}`);
+  const example = info.experts.slice(0, 2).map((e) => e.id).join('+');
+  const d = info.defaults;
+  return new EmbedBuilder()
+    .setColor(0x5865f2)
+    .setTitle(clip(`${info.name} ${info.version}`, 256))
+    .setDescription(clip(info.description || 'Diffusion models, alone or together.', 4000))
+    .addFields(
+      { name: 'Ensembles (mode afa)', value: clip(ensembles.join('\n') || 'none trained yet', 1024) },
+      { name: 'Experts (mode single)', value: clip(experts.join('\n') || 'none', 1024) },
+      {
+        name: 'Combining',
+        value: clip(
+          `Type experts joined by + in \`model\` (e.g. \`${example}\`) and pick mode average or merge; ` +
+            'afa needs a trained ensemble of those experts. `contributions:true` or 🧩 shows which model drew what.',
+          1024,
+        ),
+      },
+      { name: 'Defaults', value: `${d.steps} steps · guidance ${d.guidance} · ${d.scheduler} · ${d.width}×${d.height}` },
+    );
+}
+
+async function execute(interaction: ChatInputCommandInteraction, ctx: BotContext): Promise<void> {
+  await interaction.reply({ embeds: [modelsEmbed(ctx.info)], flags: MessageFlags.Ephemeral });
+}
+
+export const models: SlashCommand = { data, execute };

@@ -1,0 +1,21 @@
+import { MessageFlags, SlashCommandBuilder, type ChatInputCommandInteraction } from 'discord.js';
+import type { BotContext, SlashCommand } from '../src/bot/context.ts';
+import { clip } from '../src/bot/messages.ts';
+
+const data = new SlashCommandBuilder().setName('queue').setDescription('Your jobs and the queue');
+
+async function execute(interaction: ChatInputCommandInteraction, ctx: BotContext): Promise<void> {
+  const view = ctx.jobs.viewFor(interaction.user.id);
+  const lines = view.jobs.map(({ job, state, position, step, steps }) => {
+    const what = `\`${job.id}\` ${clip(job.request.prompt, 60)}`;
+    if (state === 'running') return `🎨 ${what} — drawing${step !== undefined ? `, step ${step}/${steps}` : ''}`;
+    return `⏳ ${what} — position ${position}`;
+  });
+  const mine = lines.length > 0 ? lines.join('\n') : 'You have no jobs in the queue.';
+  const summary =
+    `Queue: ${view.waiting} waiting (at most ${view.maxQueued}), ${view.running} drawing on ` +
+    `${view.workers} worker${view.workers === 1 ? '' : 's'}. Limit per person: ${ctx.config.maxJobsPerUser}.`;
+  await interaction.reply({ content: `${mine}\n-# ${summary}`, flags: MessageFlags.Ephemeral, allowedMentions: { parse: [] } });
+}
+
+export const queue: SlashCommand = { data, execute };

@@ -1,0 +1,406 @@
+// Accepts jobs (store + fair queue), runs them on the engine, and reports them through their messages.
+import { randomBytes } from 'node:crypto';
+import type { REST } from 'discord.js';
+import { EngineError, type EngineClient, type GenerateRequest, type GenerateResult, type PackageInfo } from '../engine/api.ts';
+import { FairQueue, JobAbortedError, type EnqueueResult, type FairQueueJob } from '../queue/fair-queue.ts';
+import type { JobRecord, JobResultSummary, JobStore, NewJob } from '../store/job-store.ts';
+import type { BotConfig } from './config.ts';
+import { JobMessenger, type MessengerOptions } from './job-messenger.ts';
+import { JobReporter } from './job-reporter.ts';
+import type { Logger } from './logger.ts';
+import {
+  clip,
+  describeModels,
+  expertTitle,
+  failureMessage,
+  progressMessage,
+  queuedMessage,
+  resultButtons,
+  resultEmbed,
+  startingMessage,
+  type OutgoingMessage,
+} from './messages.ts';
+import { renderComparison, renderImages, renderPanels, renderPreview } from './result-render.ts';
+import { ActionRowBuilder, ButtonBuilder, ButtonStyle, type APIActionRowComponent, type APIButtonComponentWithCustomId } from 'discord.js';
+import { buttonId } from './custom-ids.ts';
+
+export const RERUN_EMOJI = '🔁';
+
+export interface JobServiceOptions {
+  rest: REST;
+  store: JobStore;
+  engine: EngineClient;
+  info: PackageInfo;
+  config: Pick<BotConfig, 'queueConcurrency' | 'maxJobsPerUser' | 'queueMax' | 'jobTimeoutMs' | 'progressIntervalMs'>;
+  logger: Logger;
+  messenger?: Partial<Omit<MessengerOptions, 'rest' | 'store' | 'logger'>>;
+}
+
+export type SubmitResult =
+  | { accepted: true; job: JobRecord; position: number }
+  | Extract<EnqueueResult, { accepted: false }>;
+
+export interface UserQueueView {
+  jobs: { job: JobRecord; state: 'waiting' | 'running'; position?: number; step?: number; steps?: number }[];
+  waiting: number;
+  running: number;
+  workers: number;
+  maxQueued: number;
+}
+
+interface RunOutput {
+  message: OutgoingMessage;
+  summary: JobResultSummary;
+  rerunnable: boolean;
+}
+
+export function newJobId(): string {
+  return randomBytes(6).toString('base64url');
+}
+
+/** Rejects with the signal's reason as soon as it aborts, even if `work` never settles. */
+function raceAbort<T>(work: Promise<T>, signal: AbortSignal): Promise<T> {
+  if (signal.aborted) {
+    work.catch(() => undefined);
+    return Promise.reject(signal.reason);
+  }
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = (): void => reject(signal.reason);
+    signal.addEventListener('abort', onAbort, { once: true });
+    work.then(
+      (value) => {
+        signal.removeEventListener('abort', onAbort);
+        resolve(value);
+      },
+      (error: unknown) => {
+        signal.removeEventListener('abort', onAbort);
+        reject(error);
+      },
+    );
+  });
+}
+
+function summarize(result: GenerateResult, startedAt: number): JobResultSummary {
+  return {
+    params: result.params,
+    seeds: result.images.map((img) => img.seed),
+    timings: { ...result.timings, totalMs: Date.now() - startedAt },
+    warnings: result.warnings,
+  };
+}
+
+function deleteOnlyButtons(job: JobRecord): APIActionRowComponent<APIButtonComponentWithCustomId> {
+  return new ActionRowBuilder<ButtonBuilder>()
+    .addComponents(new ButtonBuilder().setCustomId(buttonId('delete', job.id)).setLabel('Delete').setEmoji('🗑️').setStyle(ButtonStyle.Danger))
+    .toJSON() as APIActionRowComponent<APIButtonComponentWithCustomId>;
+}
+
+export class JobService {
+  readonly queue: FairQueue<FairQueueJob>;
+  private readonly reporters = new Map<string, JobReporter>();
+  private readonly progress = new Map<string, { step: number; steps: number }>();
+  private stopping = false;
+
+  constructor(private readonly options: JobServiceOptions) {
+    const { config } = options;
+    this.queue = new FairQueue<FairQueueJob>(
+      {
+        concurrency: config.queueConcurrency,
+        maxJobsPerUser: config.maxJobsPerUser,
+        maxQueued: config.queueMax,
+        jobTimeoutMs: config.jobTimeoutMs,
+        onChange: () => this.showPositions(),
+      },
+      (entry, signal) => this.run(entry.id, signal),
+    );
+  }
+
+  get info(): PackageInfo {
+    return this.options.info;
+  }
+
+  /** Whether a job from this user would be accepted now. */
+  check(userId: string): EnqueueResult {
+    return this.queue.check(userId);
+  }
+
+  /**
+   * Stores and enqueues a job (synchronously, so limits hold under bursts). `ack` is the pending
+   * acknowledgement of its interaction; messages wait for it.
+   */
+  submit(newJob: NewJob, ack?: Promise<unknown>): SubmitResult {
+    const verdict = this.queue.check(newJob.userId);
+    if (!verdict.accepted) return verdict;
+    const job = this.options.store.create(newJob);
+    this.reporters.set(job.id, this.createReporter(job, ack, false));
+    const queued = this.queue.enqueue({ id: job.id, userId: job.userId });
+    if (!queued.accepted) {
+      this.options.store.finish(job.id, 'failed', { error: queued.message });
+      this.reporters.get(job.id)?.close();
+      this.reporters.delete(job.id);
+      return queued;
+    }
+    return { accepted: true, job, position: queued.position };
+  }
+
+  /** Puts jobs that were queued or running when the bot stopped back in the queue, oldest first. */
+  restore(): number {
+    let restored = 0;
+    for (const job of this.options.store.unfinished()) {
+      if (this.queue.has(job.id)) continue;
+      this.options.store.requeue(job.id);
+      const fresh = this.options.store.get(job.id)!;
+      this.reporters.set(job.id, this.createReporter(fresh, undefined, true));
+      const result = this.queue.enqueue({ id: job.id, userId: job.userId }, { force: true });
+      if (result.accepted) restored++;
+    }
+    if (restored > 0) this.options.logger.info({ restored }, 'restored unfinished jobs');
+    return restored;
+  }
+
+  /** Cancels a waiting or running job. Returns false if it is not active. */
+  async cancel(jobId: string, byUserId: string): Promise<'waiting' | 'running' | false> {
+    const what = this.queue.cancel(jobId);
+    if (what === 'waiting') {
+      const job = this.options.store.get(jobId);
+      this.options.store.finish(jobId, 'cancelled', { error: `cancelled by ${byUserId}` });
+      const reporter = this.reporters.get(jobId);
+      this.reporters.delete(jobId);
+      if (job && reporter) {
+        await reporter
+          .final(failureMessage(job, this.info, 'Cancelled.', '🚫'))
+          .catch((error: unknown) => this.options.logger.warn({ job: jobId, err: error }, 'could not show the cancellation'));
+      }
+    }
+    return what;
+  }
+
+  /** The user's active jobs and the queue's state, for /queue and /cancel. */
+  viewFor(userId: string): UserQueueView {
+    const snapshot = this.queue.snapshot();
+    const jobs: UserQueueView['jobs'] = [];
+    for (const running of snapshot.running) {
+      if (running.userId !== userId) continue;
+      const job = this.options.store.get(running.id);
+      if (job) jobs.push({ job, state: 'running', ...this.progress.get(running.id) });
+    }
+    for (const waiting of snapshot.waiting) {
+      if (waiting.userId !== userId) continue;
+      const job = this.options.store.get(waiting.id);
+      if (job) jobs.push({ job, state: 'waiting', position: waiting.position });
+    }
+    return {
+      jobs,
+      waiting: snapshot.waiting.length,
+      running: snapshot.running.length,
+      workers: snapshot.concurrency,
+      maxQueued: snapshot.maxQueued,
+    };
+  }
+
+  /** Stops starting jobs; running ones are interrupted and stay queued in the store for the next start. */
+  async stop(): Promise<void> {
+    this.stopping = true;
+    await this.queue.stop();
+    for (const reporter of this.reporters.values()) reporter.close();
+    this.reporters.clear();
+  }
+
+  private createReporter(job: JobRecord, ack: Promise<unknown> | undefined, restored: boolean): JobReporter {
+    const messenger = new JobMessenger(job, {
+      rest: this.options.rest,
+      store: this.options.store,
+      logger: this.options.logger,
+      ...this.options.messenger,
+    });
+    return new JobReporter(job, messenger, this.options.config.progressIntervalMs, this.options.logger, ack, restored);
+  }
+
+  private showPositions(): void {
+    if (this.stopping) return;
+    for (const waiting of this.queue.snapshot().waiting) {
+      const reporter = this.reporters.get(waiting.id);
+      if (!reporter) continue;
+      reporter.update(() => queuedMessage(reporter.job, this.info, waiting.position, reporter.restored), `queued:${waiting.position}`);
+    }
+  }
+
+  private async run(jobId: string, signal: AbortSignal): Promise<void> {
+    const reporter = this.reporters.get(jobId);
+    const stored = this.options.store.get(jobId);
+    if (!reporter || !stored || !this.options.store.markRunning(jobId)) return;
+    const job = reporter.job;
+    const startedAt = Date.now();
+    reporter.update(() => startingMessage(job, this.info), 'starting');
+    try {
+      const output = await this.execute(job, signal, reporter);
+      if (signal.aborted && (signal.reason as JobAbortedError).kind !== 'timeout') throw signal.reason;
+      const messageId = await reporter.final(output.message);
+      this.options.store.finish(jobId, 'done', { result: { ...output.summary, timings: { ...output.summary.timings, totalMs: Date.now() - startedAt } } });
+      this.options.store.setResultMessage(jobId, messageId);
+      if (output.rerunnable) void reporter.messenger.react(messageId, RERUN_EMOJI);
+    } catch (error) {
+      await this.fail(job, reporter, signal.aborted ? signal.reason : error);
+    } finally {
+      this.reporters.delete(jobId);
+      this.progress.delete(jobId);
+    }
+  }
+
+  private async fail(job: JobRecord, reporter: JobReporter, error: unknown): Promise<void> {
+    const { store, logger } = this.options;
+    const show = async (send: () => Promise<unknown>): Promise<void> => {
+      await send().catch((err: unknown) => logger.error({ job: job.id, err }, 'could not tell the user that a job failed'));
+    };
+    if (error instanceof JobAbortedError) {
+      if (error.kind === 'shutdown') {
+        reporter.close();
+        store.requeue(job.id);
+        return;
+      }
+      if (error.kind === 'cancelled') {
+        store.finish(job.id, 'cancelled', { error: 'cancelled' });
+        await show(() => reporter.final(failureMessage(job, this.info, 'Cancelled.', '🚫')));
+        return;
+      }
+      store.finish(job.id, 'failed', { error: error.message });
+      await show(() => reporter.final(failureMessage(job, this.info, `This job took too long and was stopped (${error.message})`, '⏱️')));
+      return;
+    }
+    if (error instanceof EngineError && (error.code === 'bad_request' || error.code === 'unknown_model')) {
+      store.finish(job.id, 'failed', { error: error.message });
+      await show(() => reporter.refuse(`❌ ${error.message}`));
+      return;
+    }
+    const message = error instanceof EngineError ? error.message : 'something went wrong while drawing.';
+    logger.error({ job: job.id, err: error }, 'job failed');
+    store.finish(job.id, 'failed', { error: error instanceof Error ? error.message : String(error) });
+    await show(() => reporter.final(failureMessage(job, this.info, `Failed: ${clip(message, 300)}`)));
+  }
+
+  private generate(
+    request: GenerateRequest,
+    signal: AbortSignal,
+    reporter: JobReporter,
+    stage?: string,
+  ): Promise<GenerateResult> {
+    const job = reporter.job;
+    const work = this.options.engine.generate(
+      { ...request, preview: true },
+      {
+        signal,
+        onProgress: (event) => {
+          this.progress.set(job.id, { step: event.step, steps: event.steps });
+          reporter.update(async () => {
+            const preview = event.preview ? await renderPreview(job.id, event.preview) : undefined;
+            return progressMessage(job, this.info, { step: event.step, steps: event.steps, stage }, preview);
+          });
+        },
+      },
+    );
+    return raceAbort(work, signal);
+  }
+
+  private async execute(job: JobRecord, signal: AbortSignal, reporter: JobReporter): Promise<RunOutput> {
+    const startedAt = Date.now();
+    const info = this.info;
+    if (job.kind === 'compare') return this.executeCompare(job, signal, reporter, startedAt);
+
+    const request: GenerateRequest = job.kind === 'panel' ? { ...job.request, contributions: true } : job.request;
+    const result = await this.generate(request, signal, reporter);
+    const summary = summarize(result, startedAt);
+    const elapsedMs = Date.now() - startedAt;
+
+    if (job.kind === 'panel') {
+      const panels = await renderPanels(job.id, result, info);
+      if (panels.length === 0) throw new EngineError('bad_request', 'These models produced no contribution maps.');
+      const shares = result.images[0].contributions!;
+      const shareText = shares.experts.map((id, i) => `${expertTitle(info, id)} ${Math.round(shares.shares[i] * 100)}%`).join(' · ');
+      return {
+        message: {
+          content: '',
+          embeds: [
+            {
+              ...resultEmbed(job, info, result.params, { seeds: summary.seeds, elapsedMs, imageFile: panels[0].name, title: `🧩 Contributions — ${clip(result.params.prompt, 200)}` }),
+              description: `Which model drew which part (mean share: ${shareText}).`,
+            },
+          ],
+          components: [deleteOnlyButtons(job)],
+          files: panels,
+        },
+        summary,
+        rerunnable: false,
+      };
+    }
+
+    const rendered = await renderImages(job.id, result, info, Boolean(request.contributions));
+    const canMap = result.params.mode === 'afa' || result.params.mode === 'average';
+    return {
+      message: {
+        content: job.kind === 'reroll' ? '🔁 Reroll with a new seed' : '',
+        embeds: [resultEmbed(job, info, result.params, { seeds: summary.seeds, elapsedMs, imageFile: rendered.mainFile, warnings: result.warnings })],
+        components: [resultButtons(job, { contributions: canMap, compare: info.experts.length > 1 })],
+        files: rendered.files,
+      },
+      summary,
+      rerunnable: true,
+    };
+  }
+
+  /** Each expert alone, then the ensemble (unless the job was a single model), same prompt and seed. */
+  private async executeCompare(job: JobRecord, signal: AbortSignal, reporter: JobReporter, startedAt: number): Promise<RunOutput> {
+    const info = this.info;
+    const base = job.request;
+    const ensemble = base.ensemble ? info.ensembles.find((e) => e.id === base.ensemble) : undefined;
+    const own = base.experts ?? ensemble?.experts ?? [];
+    const experts = own.length > 1 ? own : info.experts.map((e) => e.id);
+    const common: GenerateRequest = {
+      prompt: base.prompt,
+      ...(base.negative !== undefined ? { negative: base.negative } : {}),
+      mode: 'single',
+      seed: base.seed,
+      ...(base.steps !== undefined ? { steps: base.steps } : {}),
+      ...(base.guidance !== undefined ? { guidance: base.guidance } : {}),
+      ...(base.scheduler !== undefined ? { scheduler: base.scheduler } : {}),
+      ...(base.karras !== undefined ? { karras: base.karras } : {}),
+      ...(base.width !== undefined ? { width: base.width } : {}),
+      ...(base.height !== undefined ? { height: base.height } : {}),
+      count: 1,
+    };
+    const plan: { label: string; request: GenerateRequest }[] = experts.map((id) => ({
+      label: expertTitle(info, id),
+      request: { ...common, experts: [id] },
+    }));
+    if (base.mode !== 'single') {
+      plan.push({ label: describeModels(base, info), request: { ...base, count: 1, contributions: false } });
+    }
+    const runs: { label: string; result: GenerateResult }[] = [];
+    for (const [i, entry] of plan.entries()) {
+      const result = await this.generate(entry.request, signal, reporter, `${entry.label} (${i + 1}/${plan.length})`);
+      runs.push({ label: entry.label, result });
+    }
+    const rendered = await renderComparison(job.id, runs, info);
+    const last = runs[runs.length - 1].result;
+    const summary = summarize(last, startedAt);
+    return {
+      message: {
+        content: '',
+        embeds: [
+          {
+            ...resultEmbed(job, info, last.params, {
+              seeds: [base.seed],
+              elapsedMs: Date.now() - startedAt,
+              imageFile: rendered.mainFile,
+              title: `🔍 Compare — ${clip(base.prompt, 200)}`,
+            }),
+            description: `Same prompt and seed: ${runs.map((r) => r.label).join(' | ')}`,
+          },
+        ],
+        components: [deleteOnlyButtons(job)],
+        files: rendered.files,
+      },
+      summary,
+      rerunnable: false,
+    };
+  }
+}

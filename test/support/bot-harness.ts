@@ -1,0 +1,119 @@
+// Starts the real bot (real discord.js client) against the fake Discord, with a throwaway DATA_DIR.
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { commands } from '../../commands/index.ts';
+import { startBot, type RunningBot } from '../../src/bot/bot.ts';
+import { loadConfig, type BotConfig } from '../../src/bot/config.ts';
+import type { EngineClient, PackageInfo } from '../../src/engine/api.ts';
+import { parseParameters, readPngText } from '../../src/engine/render/index.ts';
+import { FakeDiscord, type FakeInteraction, type FakeMessage, type FakeUser, type OptionValue } from './fake-discord.ts';
+import { ProceduralTestEngine } from './procedural-engine.ts';
+
+/**
+ * The engine every end-to-end bot test runs on. To run them on the real engine, return
+ * `startEngineWorker({ modelDir: 'test/fixtures/tiny' })` from src/worker/engine-worker.ts here.
+ */
+export async function createTestEngine(): Promise<EngineClient> {
+  return new ProceduralTestEngine({ stepDelayMs: 15 });
+}
+
+export interface HarnessOptions {
+  /** Extra environment (as in .env) on top of what points the bot at the fake. */
+  env?: Record<string, string>;
+  /** Wraps or replaces the test engine. */
+  engine?: () => Promise<EngineClient>;
+  fake?: FakeDiscord;
+  dataDir?: string;
+  tokenLifetimeMs?: number;
+}
+
+export class BotHarness {
+  private constructor(
+    readonly fake: FakeDiscord,
+    public bot: RunningBot,
+    readonly dataDir: string,
+    readonly config: BotConfig,
+    private readonly options: HarnessOptions,
+    private readonly ownsDataDir: boolean,
+  ) {}
+
+  static async start(options: HarnessOptions = {}): Promise<BotHarness> {
+    const fake = options.fake ?? (await FakeDiscord.start({ commands: commands.map((c) => c.data.toJSON()) }));
+    fake.setCommands(commands.map((c) => c.data.toJSON()));
+    const dataDir = options.dataDir ?? mkdtempSync(path.join(tmpdir(), 'bot-test-'));
+    const config = loadConfig({
+      DISCORD_TOKEN: fake.token,
+      DISCORD_APPLICATION_ID: fake.applicationId,
+      DISCORD_API_URL: fake.apiBase,
+      DATA_DIR: dataDir,
+      LOG_LEVEL: process.env.BOT_TEST_LOG_LEVEL ?? 'silent',
+      ...options.env,
+    });
+    const bot = await BotHarness.launch(config, options);
+    return new BotHarness(fake, bot, dataDir, config, options, options.dataDir === undefined);
+  }
+
+  private static launch(config: BotConfig, options: HarnessOptions): Promise<RunningBot> {
+    return startBot({
+      config,
+      engineFactory: options.engine ?? createTestEngine,
+      messenger: { retryDelayMs: 20, ...(options.tokenLifetimeMs ? { tokenLifetimeMs: options.tokenLifetimeMs } : {}) },
+    });
+  }
+
+  get info(): PackageInfo {
+    return this.bot.info;
+  }
+
+  /** Stops the bot (as a shutdown would) and starts a new one on the same fake Discord and data. */
+  async restart(options: Pick<HarnessOptions, 'engine' | 'env'> = {}): Promise<void> {
+    await this.bot.stop();
+    const config = options.env ? { ...this.config, ...loadConfig({ ...configEnv(this.config), ...options.env }) } : this.config;
+    this.bot = await BotHarness.launch(config, { ...this.options, ...options });
+  }
+
+  imagine(user: FakeUser, options: Record<string, OptionValue | undefined>, channelId?: string): FakeInteraction {
+    return this.fake.slash('imagine', options, { user, channelId });
+  }
+
+  /** Waits for the interaction's original response to become a finished result (it has buttons). */
+  async result(interaction: FakeInteraction, timeoutMs = 20_000): Promise<FakeMessage> {
+    return interaction.waitFor((i) => (isResult(i.original) ? i.original : undefined), timeoutMs, `result of ${interaction.id}`);
+  }
+
+  async close(): Promise<void> {
+    await this.bot.stop();
+    await this.fake.close();
+    if (this.ownsDataDir) rmSync(this.dataDir, { recursive: true, force: true });
+  }
+}
+
+function configEnv(config: BotConfig): Record<string, string> {
+  return {
+    DISCORD_TOKEN: config.discordToken,
+    DISCORD_APPLICATION_ID: config.applicationId,
+    DISCORD_API_URL: config.apiUrl ?? '',
+    DATA_DIR: config.dataDir,
+    LOG_LEVEL: config.logLevel,
+  };
+}
+
+/** A finished result message: it carries buttons. */
+export function isResult(message: FakeMessage | undefined): boolean {
+  return message !== undefined && !message.deleted && message.components.length > 0;
+}
+
+/** The A1111 parameters embedded in a PNG attachment. */
+export function pngParameters(data: Buffer): ReturnType<typeof parseParameters> {
+  const text = readPngText(data).parameters;
+  if (text === undefined) throw new Error('PNG has no parameters chunk');
+  return parseParameters(text);
+}
+
+export function embedField(message: FakeMessage, name: string): string | undefined {
+  const fields = (message.embeds[0]?.fields as { name: string; value: string }[] | undefined) ?? [];
+  return fields.find((f) => f.name === name)?.value;
+}
+
+export const PNG_SIGNATURE = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]);
