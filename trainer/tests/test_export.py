@@ -1,0 +1,380 @@
+import copy
+import json
+import os
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from trainer import export, ort_check
+from trainer.afa import AFAEnsemble
+from trainer.text_encoder import CLIPTextEncoder, TextEncoderConfig
+from trainer.unet import CROSS_ATTN_DOWN, CROSS_ATTN_UP, PLAIN_DOWN, PLAIN_UP, UNet2DConditionModel, UNetConfig
+from trainer.vae import AutoencoderKL, VAEConfig
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "..", "..", "test", "fixtures", "tiny")
+D = 16
+
+
+def small_unet(seed, levels=2):
+    torch.manual_seed(seed)
+    if levels == 1:
+        config = UNetConfig(sample_size=8, block_out_channels=(8,), layers_per_block=1,
+                            down_block_types=(CROSS_ATTN_DOWN,), up_block_types=(CROSS_ATTN_UP,),
+                            attention_head_dim=2, cross_attention_dim=D, norm_num_groups=4)
+    else:
+        config = UNetConfig(sample_size=8, block_out_channels=(8, 16), layers_per_block=1,
+                            down_block_types=(CROSS_ATTN_DOWN, PLAIN_DOWN), up_block_types=(PLAIN_UP, CROSS_ATTN_UP),
+                            attention_head_dim=2, cross_attention_dim=D, norm_num_groups=4)
+    return UNet2DConditionModel(config).eval()
+
+
+def small_ensemble():
+    ensemble = AFAEnsemble([small_unet(1, levels=1), small_unet(2, levels=1)], hidden=8, depth=1, heads=2,
+                           head_dim=4).eval()
+    torch.manual_seed(3)
+    for sabw in ensemble.aggregators:
+        torch.nn.init.normal_(sabw.to_logits.weight, std=0.5)
+    return ensemble
+
+
+def elem_type(model, name):
+    for value in model.graph.input:
+        if value.name == name:
+            return value.type.tensor_type.elem_type
+    raise KeyError(name)
+
+
+def dims(model, name):
+    for value in list(model.graph.input) + list(model.graph.output):
+        if value.name == name:
+            return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+    raise KeyError(name)
+
+
+# --- onnxruntime-node bridge -------------------------------------------------------------------
+
+
+def test_tensor_files_round_trip_every_dtype(tmp_path):
+    tensors = {
+        "f32": np.arange(6, dtype=np.float32).reshape(2, 3) / 7,
+        "f16": np.array([1.5, -2.25], dtype=np.float16),
+        "i64": np.array([[2**40, -3]], dtype=np.int64),
+        "i32": np.array([7], dtype=np.int32),
+        "u8": np.array([0, 255], dtype=np.uint8),
+        "flag": np.array([True, False]),
+        "scalar": np.array(3.0, dtype=np.float32),
+    }
+    path = str(tmp_path / "t.safetensors")
+    ort_check.write_tensors(path, tensors)
+    back = ort_check.read_tensors(path)
+    assert list(back) == list(tensors)
+    for name, value in tensors.items():
+        assert back[name].dtype == value.dtype and back[name].shape == value.shape
+        np.testing.assert_array_equal(back[name], value)
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        assert header_len % 8 == 0
+        assert json.loads(f.read(header_len))["i64"] == {"dtype": "I64", "shape": [1, 2], "data_offsets": [28, 44]}
+
+
+def test_ort_run_passes_dtypes_through_and_reports_metadata(tmp_path):
+    ort_check.skip_unless_available()
+    io = [("f", TensorProto.FLOAT, ["b", 3]), ("h", TensorProto.FLOAT16, [2]), ("l", TensorProto.INT64, [2]),
+          ("k", TensorProto.BOOL, [2])]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", [n], [n + "_out"]) for n, _, _ in io]
+        + [helper.make_node("Add", ["f", "f"], ["twice"])],
+        "identity",
+        [helper.make_tensor_value_info(n, t, s) for n, t, s in io],
+        [helper.make_tensor_value_info(n + "_out", t, s) for n, t, s in io]
+        + [helper.make_tensor_value_info("twice", TensorProto.FLOAT, ["b", 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = str(tmp_path / "id.onnx")
+    onnx.save(model, path)
+    feeds = {"f": np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32),
+             "h": np.array([0.5, -7.0], dtype=np.float16), "l": np.array([2**50, -1], dtype=np.int64),
+             "k": np.array([True, False])}
+    out = ort_check.run_onnx(path, feeds)
+    for name, value in feeds.items():
+        assert out[name + "_out"].dtype == value.dtype
+        np.testing.assert_array_equal(out[name + "_out"], value)
+    np.testing.assert_array_equal(out["twice"], feeds["f"] * 2)
+    meta = ort_check.session_metadata(path)
+    assert {m["name"]: m["type"] for m in meta["inputs"]} == {"f": "float32", "h": "float16", "l": "int64", "k": "bool"}
+    assert meta["inputs"][0]["shape"] == ["b", 3]
+
+
+def test_ort_errors_name_the_graph(tmp_path):
+    ort_check.skip_unless_available()
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(b"not a graph")
+    with pytest.raises(ort_check.OrtRunError, match="broken.onnx"):
+        ort_check.run_onnx(str(path), {"x": np.zeros(1, np.float32)})
+
+
+# --- the four graph kinds ----------------------------------------------------------------------
+
+
+def test_text_encoder_graph(tmp_path):
+    ort_check.skip_unless_available()
+    torch.manual_seed(0)
+    model = CLIPTextEncoder(TextEncoderConfig.tiny(vocab_size=300, hidden_size=D, eos_token_id=299,
+                                                   pad_token_id=299, mask_padding=True))
+    path = str(tmp_path / "text_encoder" / "model.onnx")
+    report = export.export_text_encoder(model, path, check=True)
+    assert report.inputs == {"input_ids": "int64[batch,77]"}
+    assert list(report.outputs) == ["last_hidden_state", "pooler_output"]
+    assert report.max_abs_error["last_hidden_state"] <= 1e-4 and report.max_abs_error["pooler_output"] <= 1e-4
+    # a padded prompt through onnxruntime equals PyTorch
+    ids = torch.full((1, 77), 299)
+    ids[0, :4] = torch.tensor([298, 5, 17, 299])
+    got = ort_check.run_onnx(path, {"input_ids": ids.numpy()})
+    want = model(ids)[1].detach().numpy()
+    np.testing.assert_allclose(got["pooler_output"], want, atol=1e-5)
+
+
+def test_vae_decoder_graph_has_dynamic_size(tmp_path):
+    ort_check.skip_unless_available()
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig.tiny(block_out_channels=(8, 16, 16), norm_num_groups=4)).eval()
+    path = str(tmp_path / "vae.onnx")
+    report = export.export_vae_decoder(vae, path, check=True)
+    assert report.inputs == {"latent_sample": "float32[batch,4,height,width]"}
+    assert report.outputs == {"sample": "float32[batch,3,pixel_height,pixel_width]"}
+    z = torch.randn(1, 4, 3, 7)
+    out = ort_check.run_onnx(path, {"latent_sample": z.numpy()})["sample"]
+    assert out.shape == (1, 3, 12, 28)
+    np.testing.assert_allclose(out, vae.decode(z).detach().numpy(), atol=1e-4)
+
+
+def test_unet_graph_with_float_and_int64_timesteps(tmp_path):
+    ort_check.skip_unless_available()
+    unet = small_unet(0)
+    float_path, int_path = str(tmp_path / "f.onnx"), str(tmp_path / "i.onnx")
+    report = export.export_unet(unet, float_path, check=True, name="unet f")
+    assert report.inputs == {"sample": "float32[batch,4,height,width]", "timestep": "float32[batch]",
+                             "encoder_hidden_states": f"float32[batch,77,{D}]"}
+    assert report.outputs == {"out_sample": "float32[batch,4,height,width]"}
+    assert report.max_abs_error["out_sample"] <= 1e-4
+    report = export.export_unet(unet, int_path, timestep_dtype="int64", check=True, compact=True)
+    assert report.inputs["timestep"] == "int64[batch]"
+
+    g = torch.Generator().manual_seed(1)
+    sample, ehs = torch.randn(2, 4, 6, 10, generator=g), torch.randn(2, 77, D, generator=g)
+    t = torch.tensor([981.0, 1.0])
+    want = unet(sample, t, ehs).detach().numpy()
+    by_float = ort_check.run_onnx(float_path, {"sample": sample.numpy(), "timestep": t.numpy(),
+                                               "encoder_hidden_states": ehs.numpy()})["out_sample"]
+    by_int = ort_check.run_onnx(int_path, {"sample": sample.numpy(), "timestep": t.long().numpy(),
+                                           "encoder_hidden_states": ehs.numpy()})["out_sample"]
+    np.testing.assert_allclose(by_float, want, atol=1e-4)
+    np.testing.assert_allclose(by_int, want, atol=1e-4)
+
+
+def test_unet_graph_with_attention_mask_and_class_labels(tmp_path):
+    ort_check.skip_unless_available()
+    torch.manual_seed(0)
+    config = UNetConfig(sample_size=4, block_out_channels=(8,), layers_per_block=1, down_block_types=(CROSS_ATTN_DOWN,),
+                        up_block_types=(CROSS_ATTN_UP,), attention_head_dim=2, cross_attention_dim=D,
+                        norm_num_groups=4, class_embed_type="projection", projection_class_embeddings_input_dim=D)
+    unet = UNet2DConditionModel(config).eval()
+    report = export.export_unet(unet, str(tmp_path / "u.onnx"), attention_mask=True, check=True)
+    assert list(report.inputs) == ["sample", "timestep", "encoder_hidden_states", "encoder_attention_mask",
+                                   "class_labels"]
+    assert report.inputs["class_labels"] == f"float32[batch,{D}]"
+
+
+def test_fused_afa_graph(tmp_path):
+    ort_check.skip_unless_available()
+    ensemble = small_ensemble()
+    path = str(tmp_path / "ensembles" / "duo" / "model.onnx")
+    report = export.export_afa(ensemble, path, check=True, compact=True)
+    assert report.inputs == {"sample": "float32[batch,4,height,width]", "timestep": "float32[batch]",
+                             "encoder_hidden_states": f"float32[2,batch,77,{D}]", "expert_mask": "float32[2]"}
+    assert report.outputs == {"out_sample": "float32[batch,4,height,width]",
+                              "contributions": "float32[batch,2,height,width]"}
+    assert max(report.max_abs_error.values()) <= 1e-4
+
+    g = torch.Generator().manual_seed(5)
+    sample, ehs = torch.randn(2, 4, 5, 6, generator=g), torch.randn(2, 2, 77, D, generator=g)
+    t = torch.tensor([500.0, 20.0])
+    runs = ort_check.run_onnx_many(path, [
+        {"sample": sample.numpy(), "timestep": t.numpy(), "encoder_hidden_states": ehs.numpy(),
+         "expert_mask": np.array([1, 1], np.float32)},
+        {"sample": sample.numpy(), "timestep": t.numpy(), "encoder_hidden_states": ehs.numpy(),
+         "expert_mask": np.array([0, 1], np.float32)},
+    ])
+    maps = runs[0]["contributions"]
+    assert maps.shape == (2, 2, 5, 6)
+    np.testing.assert_allclose(maps.sum(1), 1.0, atol=1e-5)
+    assert maps.std() > 0.01  # the random logit weights make the maps non-uniform
+    np.testing.assert_array_equal(runs[1]["contributions"][:, 0], 0.0)
+    # with expert 0 masked out the ensemble is expert 1 alone
+    alone = ensemble.unets[1](sample, t, ehs[1]).detach().numpy()
+    np.testing.assert_allclose(runs[1]["out_sample"], alone, atol=1e-4)
+
+
+def test_afa_graph_without_subsets_has_no_mask_input(tmp_path):
+    ensemble = small_ensemble()
+    report = export.export_afa(ensemble, str(tmp_path / "a.onnx"), subsets=False, check="auto")
+    assert list(report.inputs) == ["sample", "timestep", "encoder_hidden_states"]
+
+
+def test_fp16_storage(tmp_path):
+    ort_check.skip_unless_available()
+    unet = small_unet(0)
+    path32, path16 = str(tmp_path / "u32.onnx"), str(tmp_path / "u16.onnx")
+    export.export_unet(unet, path32, check=True)
+    report = export.export_unet(unet, path16, fp16=True, check=True)
+    assert report.weights_dtype == "float16"
+    assert report.max_abs_error["out_sample"] <= 1e-4  # against the fp16-rounded weights
+    model = onnx.load(path16)
+    big = [i for i in model.graph.initializer if np.prod(i.dims) >= export.FP16_MIN_ELEMENTS]
+    assert big and all(i.data_type == TensorProto.FLOAT16 for i in big)
+    assert elem_type(model, "sample") == TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert os.path.getsize(path16) < 0.8 * os.path.getsize(path32)
+    # weights keep their names, so a weight-space merge still lines them up
+    names32 = {i.name for i in onnx.load(path32).graph.initializer}
+    assert {i.name for i in big} <= names32
+
+    g = torch.Generator().manual_seed(2)
+    feeds = {"sample": torch.randn(1, 4, 8, 8, generator=g).numpy(), "timestep": np.array([400.0], np.float32),
+             "encoder_hidden_states": torch.randn(1, 77, D, generator=g).numpy()}
+    full = ort_check.run_onnx(path32, feeds)["out_sample"]
+    half = ort_check.run_onnx(path16, feeds)["out_sample"]
+    scale = np.abs(full).max()
+    assert 0 < np.abs(half - full).max() <= 2e-2 * scale  # the looser tolerance of float16 weights
+
+
+def test_drift_is_reported_with_graph_output_and_error(tmp_path):
+    ort_check.skip_unless_available()
+    unet = small_unet(0)
+    path = str(tmp_path / "u.onnx")
+    export.export_unet(unet, path, check=True)
+    drifted = copy.deepcopy(unet)
+    with torch.no_grad():
+        drifted.conv_out.bias.add_(1e-2)
+    g = torch.Generator().manual_seed(0)
+    feeds = {"sample": torch.randn(1, 4, 8, 8, generator=g), "timestep": torch.tensor([10.0]),
+             "encoder_hidden_states": torch.randn(1, 77, D, generator=g)}
+    with pytest.raises(export.ExportDriftError) as err:
+        export.check_parity("unet alpha", path, export.UNetGraph(drifted, list(feeds)), [feeds], ["out_sample"])
+    message = str(err.value)
+    assert "unet alpha" in message and "'out_sample'" in message and "max abs error 0.01" in message
+    errors, skipped = export.check_parity("unet alpha", path, export.UNetGraph(unet, list(feeds)), [feeds],
+                                          ["out_sample"])
+    assert skipped is None and errors["out_sample"] <= 1e-4
+
+
+def test_export_fails_loudly_when_the_graph_cannot_follow_the_module(tmp_path):
+    """A module whose Python control flow depends on values: the traced graph drifts on other inputs."""
+    ort_check.skip_unless_available()
+
+    class ValueBranch(torch.nn.Module):
+        def __init__(self, unet):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, sample, timestep, encoder_hidden_states):
+            out = self.unet(sample, timestep, encoder_hidden_states)
+            return out * 2 if float(timestep[0]) > 900 else out  # frozen at trace time
+
+    unet = small_unet(0)
+    original = export.UNetGraph
+
+    class Patched(original):
+        def __init__(self, unet, names):
+            super().__init__(ValueBranch(unet), names)
+
+        def forward(self, *inputs):
+            return self.unet(*inputs[:3])
+
+    export.UNetGraph = Patched
+    try:
+        with pytest.raises(export.ExportDriftError, match=r"unet x: onnxruntime output 'out_sample'"):
+            export.export_unet(unet, str(tmp_path / "u.onnx"), check=True, name="unet x")
+    finally:
+        export.UNetGraph = original
+
+
+def test_fp16_conversion_keeps_small_and_out_of_range_tensors():
+    big = numpy_helper.from_array(np.linspace(-1, 1, 32, dtype=np.float32), "w")
+    small = numpy_helper.from_array(np.array([1e-5], np.float32), "eps")
+    huge = numpy_helper.from_array(np.full(20, 1e6, np.float32), "huge")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["a"]), helper.make_node("Add", ["a", "eps"], ["b"]),
+         helper.make_node("Add", ["b", "huge"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [32])], [big, small, huge])
+    model = export.store_weights_fp16(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    onnx.checker.check_model(model)
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    assert types == {"w": TensorProto.FLOAT16, "eps": TensorProto.FLOAT, "huge": TensorProto.FLOAT}
+    assert model.graph.node[0].op_type == "Cast" and list(model.graph.node[1].input) == ["x", "w__float32"]
+
+
+# --- manifest ---------------------------------------------------------------------------------
+
+
+def fixture_manifest():
+    with open(os.path.join(FIXTURE, "manifest.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def test_the_fixture_manifest_is_valid():
+    if not os.path.isfile(os.path.join(FIXTURE, "manifest.json")):
+        pytest.skip("test/fixtures/tiny is not built")
+    export.validate_manifest(fixture_manifest(), FIXTURE)
+
+
+@pytest.mark.parametrize("mutate, problem", [
+    (lambda m: m.update(format_version=2), "format_version must be 1"),
+    (lambda m: m.update(format="other"), "format must be 'ensemble-diffusion-package'"),
+    (lambda m: m["ensembles"][0]["experts"].append("nobody"), "names unknown expert 'nobody'"),
+    (lambda m: m["experts"].append(dict(m["experts"][0])), "the id 'alpha' is used twice"),
+    (lambda m: m["defaults"].update(width=30), "defaults.width 30 is not a multiple of latent.downsample 4"),
+    (lambda m: m["defaults"].update(scheduler="plms"), "defaults.scheduler must be one of"),
+    (lambda m: m["size"].update(min=128), "size.min 128 > size.max 64"),
+    (lambda m: m["experts"][0].pop("unet"), "needs \"unet\" (a graph) or \"path\""),
+    (lambda m: m.update(extra=1), "unknown key 'extra'"),
+    (lambda m: m["latent"].update(scale_factor=0), "latent.scale_factor must be a positive number"),
+    (lambda m: m["ensembles"][0].update(experts=["alpha"]), "must list at least 2 expert ids"),
+])
+def test_manifest_problems_are_named(mutate, problem):
+    m = copy.deepcopy(fixture_manifest()) if os.path.isfile(os.path.join(FIXTURE, "manifest.json")) else None
+    if m is None:
+        pytest.skip("test/fixtures/tiny is not built")
+    mutate(m)
+    with pytest.raises(export.ManifestError) as err:
+        export.validate_manifest(m)
+    assert problem in str(err.value)
+
+
+def test_manifest_files_and_graph_io_are_checked(tmp_path):
+    if not os.path.isfile(os.path.join(FIXTURE, "manifest.json")):
+        pytest.skip("test/fixtures/tiny is not built")
+    package = tmp_path / "pkg"
+    shutil.copytree(FIXTURE, package)
+    m = fixture_manifest()
+    os.remove(package / "experts" / "beta" / "unet" / "model.onnx")
+    with pytest.raises(export.ManifestError, match=r"expert 'beta' unet: experts/beta/unet/model.onnx is missing"):
+        export.write_manifest(str(package), m)
+    shutil.copyfile(package / "experts" / "alpha" / "unet" / "model.onnx",
+                    package / "experts" / "beta" / "unet" / "model.onnx")
+    # the ensemble graph must take expert_mask when the manifest promises subsets: alpha's U-Net does not
+    m["ensembles"][0]["graph"] = "experts/alpha/unet/model.onnx"
+    with pytest.raises(export.ManifestError, match=r"ensemble 'duo' graph lacks input 'expert_mask', output 'contributions'"):
+        export.write_manifest(str(package), m)
+    m["ensembles"][0]["graph"] = "../outside.onnx"
+    with pytest.raises(export.ManifestError, match="leaves the package folder"):
+        export.write_manifest(str(package), m)
+    m = fixture_manifest()
+    path = export.write_manifest(str(package), m)
+    with open(path, encoding="utf-8") as f:
+        assert json.load(f) == m
