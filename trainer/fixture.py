@@ -299,6 +299,9 @@ def build(out_dir: str = DEFAULT_OUT, check="auto", log=print) -> Dict[str, Any]
             result = save_package(out_dir, tok_dir, text_encoder, vae, experts, ensembles, SCHEDULER_CONFIG,
                                   MANIFEST_FIELDS, timestep_int64=["odd"], check=check, compact=True, log=log)
         write_reference(out_dir, tokenizer, text_encoder, vae, experts, ensembles)
+        # graphs and raw tensors must never be diffed or line-ending converted
+        with open(os.path.join(out_dir, ".gitattributes"), "w", encoding="utf-8") as f:
+            f.write("*.onnx binary\n*.rgb binary\n*.f32 binary\n")
     finally:
         torch.set_num_threads(threads)
     size = package_bytes(out_dir)
