@@ -1,0 +1,90 @@
+// The queue seen from Discord: limits with ephemeral refusals, /queue, /cancel, per-job timeout.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { BotHarness, createTestEngine } from './support/bot-harness.ts';
+import { GatedEngine } from './support/engine-wrappers.ts';
+import type { FakeInteraction } from './support/fake-discord.ts';
+
+async function ephemeral(interaction: FakeInteraction): Promise<string> {
+  await interaction.waitFor((i) => i.acknowledged, 5000, 'acknowledgement');
+  assert.equal(interaction.replyWasEphemeral, true);
+  return interaction.replyContent ?? '';
+}
+
+function lastContent(interaction: FakeInteraction): string {
+  return interaction.original?.content ?? '';
+}
+
+test('per-user limit and queue cap refuse clearly; /queue shows positions; /cancel stops queued and running jobs', async () => {
+  let gated!: GatedEngine;
+  const h = await BotHarness.start({
+    env: { MAX_JOBS_PER_USER: '2', QUEUE_MAX: '3', QUEUE_CONCURRENCY: '1', PROGRESS_INTERVAL_MS: '250' },
+    engine: async () => (gated = new GatedEngine(await createTestEngine())),
+  });
+  try {
+    const [alice, bob, carol, dave] = ['alice', 'bob', 'carol', 'dave'].map((name) => h.fake.user(name));
+    const a1 = h.imagine(alice, { prompt: 'first' });
+    await h.fake.waitFor(() => gated.waiting === 1, 5000, 'a1 running');
+    const a2 = h.imagine(alice, { prompt: 'second' });
+    await a2.waitFor((i) => /Queued\*\* — position 1/.test(lastContent(i)), 5000, 'a2 queued at 1');
+
+    assert.match(await ephemeral(h.imagine(alice, { prompt: 'third' })), /limit is 2/);
+
+    const b1 = h.imagine(bob, { prompt: 'bob one' });
+    const c1 = h.imagine(carol, { prompt: 'carol one' });
+    // Round robin: alice was just served, so bob and carol (never served) go before her second job.
+    await a2.waitFor((i) => /position 3/.test(lastContent(i)), 5000, 'a2 moved to 3');
+    await b1.waitFor((i) => /position 1/.test(lastContent(i)), 5000, 'b1 at 1');
+    await c1.waitFor((i) => /position 2/.test(lastContent(i)), 5000, 'c1 at 2');
+    assert.match(await ephemeral(h.imagine(dave, { prompt: 'too many' })), /queue is full/);
+
+    const queue = h.fake.slash('queue', {}, { user: alice });
+    const view = await ephemeral(queue);
+    assert.match(view, /first.*drawing/);
+    assert.match(view, /second.*position 3/);
+    assert.match(view, /3 waiting/);
+
+    const a1Job = h.bot.store.recentOfUser(alice.id).find((j) => j.request.prompt === 'first')!;
+    assert.match(await ephemeral(h.fake.slash('cancel', { job: a1Job.id }, { user: bob })), /not your job/);
+
+    // Without an option, /cancel takes the newest: the queued second job.
+    assert.match(await ephemeral(h.fake.slash('cancel', {}, { user: alice })), /before it started/);
+    await a2.waitFor((i) => /Cancelled/.test(lastContent(i)), 5000, 'a2 cancelled message');
+    assert.equal(h.bot.store.recentOfUser(alice.id).find((j) => j.request.prompt === 'second')?.status, 'cancelled');
+
+    assert.match(await ephemeral(h.fake.slash('cancel', {}, { user: alice })), /Stopping/);
+    await a1.waitFor((i) => /Cancelled/.test(lastContent(i)), 5000, 'a1 cancelled message');
+    assert.equal(h.bot.store.get(a1Job.id)?.status, 'cancelled');
+
+    // The queue moves on: bob's job starts and, once the engine is let through, everyone finishes.
+    await h.fake.waitFor(() => gated.waiting === 1 && gated.requests.at(-1)?.prompt === 'bob one', 5000, 'b1 started');
+    gated.open();
+    await h.result(b1);
+    await h.result(c1);
+    assert.match(await ephemeral(h.fake.slash('cancel', {}, { user: alice })), /no queued or running job/);
+  } finally {
+    await h.close();
+  }
+});
+
+test('a job that exceeds JOB_TIMEOUT_SECONDS fails with a message and the queue goes on', async () => {
+  let gated!: GatedEngine;
+  const h = await BotHarness.start({
+    env: { JOB_TIMEOUT_SECONDS: '1', QUEUE_CONCURRENCY: '1' },
+    // The engine ignores the abort signal: the queue must not wait for it.
+    engine: async () => (gated = new GatedEngine(await createTestEngine(), { ignoreAbort: true })),
+  });
+  try {
+    const stuck = h.imagine(h.fake.user('patient'), { prompt: 'never ends' });
+    const next = h.imagine(h.fake.user('next'), { prompt: 'after the stuck one' });
+    await stuck.waitFor((i) => /took too long/.test(lastContent(i)), 5000, 'timeout message');
+    const job = h.bot.store.findByMessage(stuck.originalMessageId!);
+    assert.equal(job?.status, 'failed');
+    assert.match(job?.error ?? '', /Timed out/);
+    await h.fake.waitFor(() => gated.requests.some((r) => r.prompt === 'after the stuck one'), 5000, 'next job started');
+    gated.open();
+    await h.result(next);
+  } finally {
+    await h.close();
+  }
+});
