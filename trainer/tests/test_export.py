@@ -219,12 +219,6 @@ def test_fused_afa_graph(tmp_path):
     np.testing.assert_allclose(runs[1]["out_sample"], alone, atol=1e-4)
 
 
-def test_afa_graph_without_subsets_has_no_mask_input(tmp_path):
-    ensemble = small_ensemble()
-    report = export.export_afa(ensemble, str(tmp_path / "a.onnx"), subsets=False, check="auto")
-    assert list(report.inputs) == ["sample", "timestep", "encoder_hidden_states"]
-
-
 def test_fp16_storage(tmp_path):
     ort_check.skip_unless_available()
     unet = small_unet(0)
@@ -378,3 +372,49 @@ def test_manifest_files_and_graph_io_are_checked(tmp_path):
     path = export.write_manifest(str(package), m)
     with open(path, encoding="utf-8") as f:
         assert json.load(f) == m
+
+
+def test_cli_builds_a_package_from_model_folders(tmp_path):
+    checkpointing = pytest.importorskip("trainer.checkpointing")
+    from trainer.bpe import train_bpe
+
+    vocab, _ = train_bpe(["a red circle", "a blue square on the left"], 520, str(tmp_path / "tok"))
+    torch.manual_seed(0)
+    text_encoder = CLIPTextEncoder(TextEncoderConfig.tiny(vocab_size=len(vocab), hidden_size=D,
+                                                          eos_token_id=len(vocab) - 1, pad_token_id=len(vocab) - 1))
+    vae = AutoencoderKL(VAEConfig.tiny(block_out_channels=(8, 16), norm_num_groups=4))
+    ensemble = small_ensemble()
+    checkpointing.save_text_encoder(text_encoder, tmp_path / "base" / "text_encoder")
+    checkpointing.save_vae(vae, tmp_path / "vae")
+    for k, eid in enumerate(["a", "b"]):
+        checkpointing.save_unet(ensemble.unets[k], tmp_path / eid / "unet")
+    checkpointing.save_aggregators(ensemble, tmp_path / "duo" / "afa")
+    spec = {
+        "name": "cli", "version": "0.1.0", "tokenizer": "tok", "text_encoder": "base", "vae": "vae",
+        "scheduler": {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                      "beta_end": 0.012, "prediction_type": "v_prediction", "timestep_spacing": "trailing"},
+        "experts": [{"id": "a", "title": "A", "unet": "a"}, {"id": "b", "unet": "b", "timestep": "int64"}],
+        "ensembles": [{"id": "duo", "experts": ["a", "b"], "afa": "duo", "subsets": False}],
+        "defaults": {"steps": 4, "guidance": 3.0, "scheduler": "euler", "width": 16, "height": 16},
+        "size": {"min": 8, "max": 32},
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    out = tmp_path / "pkg"
+    assert export.main(["--spec", str(tmp_path / "spec.json"), "--out", str(out), "--fp16"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    export.validate_manifest(manifest, str(out))
+    assert manifest["latent"] == {"channels": 4, "downsample": 2, "scale_factor": 0.18215}
+    assert [e["id"] for e in manifest["experts"]] == ["a", "b"] and manifest["experts"][0]["title"] == "A"
+    assert manifest["experts"][0]["architecture"] == manifest["experts"][1]["architecture"]
+    assert manifest["ensembles"][0]["subsets"] is False
+    # without subsets the fused graph has no expert_mask input
+    duo_inputs = export.graph_signature(str(out / "ensembles" / "duo" / "model.onnx"))[0]
+    assert list(duo_inputs) == ["sample", "timestep", "encoder_hidden_states"]
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+    assert export.graph_signature(str(out / "experts" / "b" / "unet" / "model.onnx"))[0]["timestep"] == "int64[batch]"
+    duo = onnx.load(str(out / "ensembles" / "duo" / "model.onnx"))
+    assert any(i.data_type == TensorProto.FLOAT16 for i in duo.graph.initializer)
+    # the aggregators' trained (here: random) logit weights made it into the graph
+    want = ensemble.aggregators[0].to_logits.weight.detach().numpy().astype(np.float16)
+    have = {i.name: numpy_helper.to_array(i) for i in duo.graph.initializer}["ensemble.aggregators.0.to_logits.weight"]
+    np.testing.assert_array_equal(have, want)

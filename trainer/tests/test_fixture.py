@@ -21,7 +21,8 @@ def rebuilt(tmp_path_factory):
         pytest.skip("test/fixtures/tiny is not committed")
     torch.set_num_threads(2)
     out = str(tmp_path_factory.mktemp("fixture") / "tiny")
-    fixture.build(out, log=None)
+    # graph parity is covered by test_export and by replaying the committed graphs below
+    fixture.build(out, check=False, log=None)
     return out
 
 
