@@ -183,7 +183,7 @@ export async function loadManifest(dir: string): Promise<Manifest> {
     limits: { maxSteps: m.limits.max_steps, maxCount: m.limits.max_count },
     display: m.display,
     experts,
-    ensembles: m.ensembles.map((e) => ({ ...e, title: titleOf(e.id, e.title) })),
+    ensembles: m.ensembles.map((e) => ({ ...e, graph: abs(e.graph), title: titleOf(e.id, e.title) })),
   };
   await checkFilesExist(manifest);
   return manifest;

@@ -167,9 +167,9 @@ function toTensor(spec: InputSpec, value: FloatTensor, file: string): ort.Tensor
     case 'float64':
       return new ort.Tensor('float64', Float64Array.from(data), dims);
     case 'int64':
-      return new ort.Tensor('int64', BigInt64Array.from(data, (x) => BigInt(Math.round(x))), dims);
+      return new ort.Tensor('int64', BigInt64Array.from(data, (x) => BigInt(Math.trunc(x))), dims);
     case 'int32':
-      return new ort.Tensor('int32', Int32Array.from(data, (x) => Math.round(x)), dims);
+      return new ort.Tensor('int32', Int32Array.from(data, (x) => Math.trunc(x)), dims);
     default:
       throw new EngineError('bad_package', `Graph ${file}: input "${spec.name}" has unsupported type ${spec.type}.`);
   }
