@@ -368,12 +368,15 @@ def render_caption(text: str, seed: int, device: Optional[torch.device | str] = 
 
 
 def build_dataset(path: str, n: int, seed: int, families: Optional[Sequence[str]] = None,
-                  two_object_prob: float = 0.3, omit_prob: float = 0.2, chunk: int = 8192) -> ShapesBatch:
-    """Generate n scenes (in chunks with seeds seed, seed+1, …) and torch.save them to `path`."""
-    parts = [
-        sample_batch(min(chunk, n - start), seed + i, families, two_object_prob, omit_prob)
-        for i, start in enumerate(range(0, n, chunk))
-    ]
+                  two_object_prob: float = 0.3, omit_prob: float = 0.2, chunk: int = 8192,
+                  device: Optional[torch.device | str] = None) -> ShapesBatch:
+    """Generate n scenes (in chunks with seeds seed, seed+1, …; drawn on `device`) and torch.save
+    them to `path`; returns them on the CPU."""
+    parts = []
+    for i, start in enumerate(range(0, n, chunk)):
+        part = sample_batch(min(chunk, n - start), seed + i, families, two_object_prob, omit_prob, device)
+        part.images = part.images.cpu()
+        parts.append(part)
     batch = concat(parts)
     torch.save(batch.to_dict(), path)
     return batch

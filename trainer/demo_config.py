@@ -1,0 +1,145 @@
+"""The demo model zoo's recipe: model sizes and hyperparameters of every build stage, per device.
+
+`recipe(device, smoke)` returns plain dicts (they are written into the build log as they are).
+Minutes are each stage's total time budget, summed over resumed runs; `steps` is an upper bound
+that a stage may reach before its budget ends.
+
+Why these choices (see ARCHITECTURE.md, "Small models on this CPU"):
+- Latents 4×32×32 (f = 2): a small shape (14 px) is 7 latent pixels wide, not 3.5 as through an
+  f = 4 VAE, so reconstructions keep stars and triangles apart; the VAE stage measures that with
+  the classifier before anything is trained on its latents.
+- A schedule that reaches pure noise (scaled-linear betas rescaled to zero terminal SNR, trailing
+  timestep spacing), v-prediction, min-SNR weighting capped at 1 near pure noise, and a text
+  encoder that masks its padding: without these, small models read layout from the noisy input.
+- Sizes fit the issue's 60 MB package (fp16): a package holds every U-Net twice (each expert
+  graph, and inside the fused AFA graph), so a U-Net is ≈ 3.8 M parameters and the aggregator
+  (13 points, hidden 64, depth 1) ≈ 2.5 M.
+- The engine feeds U-Nets `sample`, `timestep` and `encoder_hidden_states` only, so the U-Net gets
+  no cross-attention padding mask and no pooled-text class embedding (both need engine inputs).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict
+
+FAMILY_IDS = ("curves", "blocks", "spikes")
+
+EXPERT_TEXT = {
+    "curves": ("Curves", "circles and rings: fine-tuned on round shapes only"),
+    "blocks": ("Blocks", "squares and diamonds: fine-tuned on square shapes only"),
+    "spikes": ("Spikes", "triangles and stars: fine-tuned on pointed shapes only"),
+}
+
+SCHEDULER_CONFIG: Dict[str, Any] = {
+    "_class_name": "DDIMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "rescale_betas_zero_snr": True,
+    "timestep_spacing": "trailing",
+    "prediction_type": "v_prediction",
+    "steps_offset": 0,
+    "set_alpha_to_one": False,
+    "clip_sample": False,
+}
+
+_DOWN, _CROSS_DOWN, _UP, _CROSS_UP = "DownBlock2D", "CrossAttnDownBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"
+
+_FULL: Dict[str, Any] = {
+    "seed": 0,
+    "world": {"n_all": 60_000, "n_family": 20_000, "two_object_prob": 0.3, "omit_prob": 0.2},
+    "classifier": {"config": {"widths": [24, 48, 96, 128], "squeeze_channels": 32, "feature_dim": 256},
+                   "steps": 3000, "batch_size": 128, "lr": 3e-3, "two_object_prob": 0.4, "eval_n": 2000,
+                   "minutes": 30.0},
+    "tokenizer": {"vocab_size": 600},
+    "vae": {
+        "config": {"block_out_channels": [32, 64], "layers_per_block": 1, "latent_channels": 4,
+                   "norm_num_groups": 16, "mid_block_attention": False},
+        "steps": 200_000, "batch_size": 32, "lr": 1e-3, "warmup_steps": 100, "kl_weight": 1e-6,
+        "minutes": 45.0, "eval_n": 512, "scale_samples": 4096,
+    },
+    "text_encoder": {"hidden_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
+                     "intermediate_size": 512, "mask_padding": True},
+    "unet": {
+        "sample_size": 32, "in_channels": 4, "out_channels": 4,
+        "block_out_channels": [48, 96, 96], "layers_per_block": 1,
+        "down_block_types": [_DOWN, _CROSS_DOWN, _CROSS_DOWN], "up_block_types": [_CROSS_UP, _CROSS_UP, _UP],
+        "attention_head_dim": 4, "norm_num_groups": 16,
+    },
+    "scheduler": SCHEDULER_CONFIG,
+    "diffusion": {"snr_weighting": "capped", "snr_gamma": 5.0, "caption_dropout": 0.1},
+    "base": {"steps": 1_000_000, "batch_size": 32, "lr": 1e-3, "text_encoder_lr": 5e-4, "warmup_steps": 200,
+             "grad_clip": 1.0, "ema_decay": 0.999, "minutes": 360.0},
+    "expert": {"steps": 1_000_000, "batch_size": 32, "lr": 5e-4, "warmup_steps": 50, "grad_clip": 1.0,
+               "ema_decay": 0.995, "minutes": 90.0},
+    "afa": {"hidden": 64, "depth": 1, "heads": 4, "head_dim": 16, "steps": 1_000_000, "batch_size": 16,
+            "lr": 5e-4, "warmup_steps": 50, "grad_clip": 1.0, "expert_dropout": 0.3, "expert_min_keep": 2,
+            "caption_dropout": 0.1, "minutes": 180.0},
+    # adherence of sampled images, measured with the classifier at every checkpoint
+    "eval": {"n": 64, "steps": 20, "guidance": 5.0, "seed": 1234},
+    "checkpoint_minutes": 5.0,
+    "export": {"fp16": True, "check": "auto"},
+    "package": {
+        "name": "demo", "version": "1.0.0",
+        "description": "Shapes-world demo: three experts (curves, blocks, spikes) and their AFA ensemble.",
+        "defaults": {"steps": 20, "guidance": 5.0, "scheduler": "ddim", "width": 64, "height": 64},
+        "size": {"min": 32, "max": 128},
+        "display": {"width": 512, "height": 512},
+    },
+}
+
+# One H100/H200, whole build ≤ 10 minutes: bf16 autocast, big batches, data rendered on the GPU.
+_CUDA_OVERRIDES: Dict[str, Any] = {
+    "classifier": {"batch_size": 256, "minutes": 0.5},
+    "vae": {"batch_size": 128, "minutes": 1.2},
+    "base": {"batch_size": 256, "minutes": 2.6},
+    "expert": {"batch_size": 256, "minutes": 0.7},
+    "afa": {"batch_size": 128, "minutes": 1.4},
+    "eval": {"n": 256},
+    "checkpoint_minutes": 1.0,
+}
+
+# Tiny sizes and a few steps per stage: the whole pipeline in a few minutes on a CPU.
+_SMOKE_OVERRIDES: Dict[str, Any] = {
+    "world": {"n_all": 192, "n_family": 48},
+    "classifier": {"config": {"widths": [8, 8, 16, 16], "squeeze_channels": 8, "feature_dim": 32},
+                   "steps": 3, "batch_size": 8, "eval_n": 32},
+    "tokenizer": {"vocab_size": 560},
+    "vae": {"config": {"block_out_channels": [8, 16], "layers_per_block": 1, "latent_channels": 4,
+                       "norm_num_groups": 8, "mid_block_attention": False},
+            "steps": 3, "batch_size": 4, "eval_n": 8, "scale_samples": 32},
+    "text_encoder": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},
+    "unet": {"block_out_channels": [16, 16, 32], "attention_head_dim": 2, "norm_num_groups": 8},
+    "base": {"steps": 3, "batch_size": 4},
+    "expert": {"steps": 2, "batch_size": 4},
+    "afa": {"hidden": 16, "heads": 2, "head_dim": 8, "steps": 2, "batch_size": 2},
+    "eval": {"n": 4, "steps": 2},
+    "export": {"fp16": True, "check": False},
+}
+
+
+def _merge(base: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "config":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def recipe(device: str = "cpu", smoke: bool = False, time_scale: float = 1.0) -> Dict[str, Any]:
+    """The recipe for `device` ('cpu' or 'cuda'); `smoke` shrinks everything to a pipeline check;
+    `time_scale` multiplies every stage's minutes."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    r = _merge(_FULL, _CUDA_OVERRIDES) if device == "cuda" else copy.deepcopy(_FULL)
+    if smoke:
+        r = _merge(r, _SMOKE_OVERRIDES)
+    r["device"] = device
+    r["smoke"] = smoke
+    for stage in ("classifier", "vae", "base", "expert", "afa"):
+        r[stage]["minutes"] = float(r[stage]["minutes"]) * time_scale
+    r["time_scale"] = time_scale
+    return r

@@ -1,0 +1,106 @@
+import json
+import os
+
+import pytest
+import torch
+
+from trainer import build_demo, demo_config, shapes
+from trainer.bpe import CLIPTokenizer
+
+
+def test_cuda_recipe_fits_ten_minutes_and_package_choices():
+    r = demo_config.recipe("cuda")
+    training = r["classifier"]["minutes"] + r["vae"]["minutes"] + r["base"]["minutes"] \
+        + 3 * r["expert"]["minutes"] + r["afa"]["minutes"]
+    assert training <= 8.5  # the rest of the 10 minutes: data, latents, evaluations, export
+    assert r["scheduler"]["rescale_betas_zero_snr"] and r["scheduler"]["timestep_spacing"] == "trailing"
+    assert r["scheduler"]["prediction_type"] == "v_prediction" and r["scheduler"]["clip_sample"] is False
+    assert r["text_encoder"]["mask_padding"] is True
+    assert demo_config.recipe("cpu", time_scale=0.5)["base"]["minutes"] == demo_config.recipe("cpu")["base"]["minutes"] / 2
+    with pytest.raises(ValueError):
+        demo_config.recipe("tpu")
+
+
+def test_smoke_recipe_is_small_and_keeps_the_full_structure():
+    full, smoke = demo_config.recipe("cpu"), demo_config.recipe("cpu", smoke=True)
+    assert smoke["unet"]["down_block_types"] == full["unet"]["down_block_types"]
+    assert smoke["unet"]["block_out_channels"] != full["unet"]["block_out_channels"]
+    assert smoke["world"]["n_all"] < 1000 and smoke["base"]["steps"] <= 5
+
+
+def _build(tmp_path, **overrides):
+    recipe = demo_config.recipe("cpu", smoke=True)
+    for key, value in overrides.items():
+        recipe[key].update(value)
+    lines = []
+    build = build_demo.DemoBuild(recipe, str(tmp_path / "run"), str(tmp_path / "pkg"), log=lines.append)
+    return build, lines
+
+
+def test_first_stages_in_smoke_mode_then_resume_and_redo(tmp_path):
+    build, lines = _build(tmp_path)
+    with pytest.raises(RuntimeError, match="needs"):
+        build.run(["base"])
+    build.run(["world", "classifier", "tokenizer", "vae"])
+    for stage in ("world", "classifier", "tokenizer", "vae"):
+        assert build.done(stage), stage
+        runs = json.load(open(build.path("logs", f"{stage}.json")))
+        assert runs[-1]["finished"] and len(runs[-1]["load_before"]) == 3
+    world = shapes.load_dataset(build.path("world", "all.pt"))
+    assert len(world) == build.r["world"]["n_all"]
+    spikes = shapes.load_dataset(build.path("world", "spikes.pt"))
+    assert set(spikes.shape[spikes.shape >= 0].tolist()) <= {shapes.SHAPES.index("triangle"), shapes.SHAPES.index("star")}
+    tok = CLIPTokenizer.from_dir(build.path("tokenizer"))
+    assert tok.vocab_size == build.r["tokenizer"]["vocab_size"]
+    vae_run = json.load(open(build.path("logs", "vae.json")))[-1]
+    assert "recon_shape" in vae_run["measured"] and vae_run["measured"]["scaling_factor"] > 0
+    latents = torch.load(build.path("latents", "curves.pt"))
+    assert latents["latents"].shape == (build.r["world"]["n_family"], 4, 32, 32)
+    assert abs(latents["scaling_factor"] - vae_run["measured"]["scaling_factor"]) < 1e-3
+    log_md = open(build.path("build_log.md")).read()
+    assert "| vae | done |" in log_md and "recon_shape" in log_md
+
+    # a new build object over the same folder resumes: finished stages are skipped
+    again, lines2 = _build(tmp_path)
+    again.run(["world", "tokenizer"])
+    assert any("world: done already" in line for line in lines2)
+
+    # redo forgets the stage and everything that depends on it
+    again.redo("tokenizer")
+    assert not again.done("tokenizer") and again.done("vae") and again.done("world")
+    assert not os.path.exists(again.path("tokenizer"))
+
+
+def test_time_budget_ends_a_stage_and_an_interrupted_stage_resumes(tmp_path, capsys):
+    build, _ = _build(tmp_path, vae={"steps": 10_000, "minutes": 0.15})
+    build.run(["world", "classifier", "tokenizer", "vae"])
+    assert build.done("vae")  # the budget is spent: the stage is finished with what it has
+    first = json.load(open(build.path("logs", "vae.json")))[-1]
+    assert 0 < first["steps"] < 10_000 and 0.1 < first["minutes"] < 0.5
+
+    # as if the run had been killed after its last checkpoint: the stage resumes from it
+    build.stage_state("vae")["status"] = "partial"
+    build.r["vae"].update(steps=first["steps"] + 2, minutes=5.0)
+    capsys.readouterr()
+    build.run(["vae"])
+    assert "resumed from" in capsys.readouterr().out
+    runs = json.load(open(build.path("logs", "vae.json")))
+    assert runs[-1]["steps"] == first["steps"] + 2 and runs[-1]["minutes_total"] > first["minutes_total"]
+
+
+def test_cross_family_pairs_and_routing_share():
+    batch = shapes.sample_batch(64, seed=4, two_object_prob=1.0, omit_prob=0.0)
+    pairs = build_demo.cross_family_pairs(batch)
+    assert len(pairs) > 0
+    for b in range(len(pairs)):
+        families = {shapes.family_of(shapes.SHAPES[int(pairs.shape[b, k])]) for k in range(2)}
+        assert len(families) == 2
+    fam = {f: i for i, f in enumerate(build_demo.FAMILIES)}
+    ideal = torch.zeros(len(pairs), 3, 32, 32)
+    for b in range(len(pairs)):
+        left = fam[shapes.family_of(shapes.SHAPES[int(pairs.shape[b, 0])])]
+        right = fam[shapes.family_of(shapes.SHAPES[int(pairs.shape[b, 1])])]
+        ideal[b, left, :, :16] = 1
+        ideal[b, right, :, 16:] = 1
+    assert build_demo.routing_share(ideal, pairs) == 1.0
+    assert build_demo.routing_share(torch.full((len(pairs), 3, 32, 32), 1 / 3), pairs) == pytest.approx(1 / 3, abs=1e-4)
