@@ -37,9 +37,9 @@ test('🔁 Reroll posts a new result with the same request and a new seed', asyn
   assert.equal(after.prompt, 'a green square');
   assert.deepEqual(after.experts, before.experts);
   assert.notEqual(after.seed, before.seed);
-  const job = h.bot.store.findByMessage(rerolled.id);
+  const job = await h.job(rerolled.id);
   assert.equal(job?.kind, 'reroll');
-  assert.equal(job?.parentJobId, h.bot.store.findByMessage(message.id)?.id);
+  assert.equal(job?.parentJobId, (await h.job(message.id))?.id);
 });
 
 test('🧩 Contributions renders the panel for the same seed; 🔍 Compare shows each expert next to the ensemble', async () => {
@@ -77,7 +77,7 @@ test('🧩 on a single-model image and 🗑️ by a stranger get ephemeral expla
   const byOwner = h.fake.pressButton(message.id, button(message, 'Delete'), { user: owner });
   await byOwner.waitFor(() => message.deleted);
   assert.equal(byOwner.acks[0].type, 6, 'acknowledged as an update');
-  assert.equal(h.bot.store.findByMessage(message.id)?.deleted, true);
+  await h.fake.waitFor(() => h.bot.store.findByMessage(message.id)?.deleted, 5000, 'marked deleted');
 
   const other = await firstResult('moderated away');
   const moderator = h.fake.user('mod');
@@ -104,7 +104,7 @@ test('reacting 🔁 reruns with a new seed and replies to the original; the bot\
   const seedAfter = pngParameters(rerun.attachments[0].data).seed;
   assert.equal(pngParameters(rerun.attachments[0].data).prompt, 'a yellow star');
   assert.notEqual(seedAfter, seedBefore);
-  const job = h.bot.store.findByMessage(rerun.id);
+  const job = await h.job(rerun.id);
   assert.equal(job?.userId, fan.id);
   assert.equal(job?.reply.type, 'channel');
 

@@ -50,7 +50,7 @@ test('/imagine is deferred at once, shows its queue position and progress, and e
   const buttons = h.fake.buttonsOf(message).map((b) => b.label);
   assert.deepEqual(buttons, ['Reroll', 'Contributions', 'Compare', 'Delete']);
 
-  const job = h.bot.store.findByMessage(message.id);
+  const job = await h.job(message.id);
   assert.equal(job?.status, 'done');
   assert.equal(job?.request.seed, 4242);
   assert.equal(job?.resultMessageId, message.id);

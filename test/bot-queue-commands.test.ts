@@ -78,7 +78,7 @@ test('a job that exceeds JOB_TIMEOUT_SECONDS fails with a message and the queue 
     const stuck = h.imagine(h.fake.user('patient'), { prompt: 'never ends' });
     const next = h.imagine(h.fake.user('next'), { prompt: 'after the stuck one' });
     await stuck.waitFor((i) => /took too long/.test(lastContent(i)), 5000, 'timeout message');
-    const job = h.bot.store.findByMessage(stuck.originalMessageId!);
+    const job = await h.job(stuck.originalMessageId!);
     assert.equal(job?.status, 'failed');
     assert.match(job?.error ?? '', /Timed out/);
     await h.fake.waitFor(() => gated.requests.some((r) => r.prompt === 'after the stuck one'), 5000, 'next job started');

@@ -188,7 +188,8 @@ export class JobMessenger {
 
   tokenExpired(): boolean {
     const reply = this.job.reply;
-    return reply.type === 'interaction' && Date.now() - reply.tokenIssuedAt > this.tokenLifetimeMs - TOKEN_SAFETY_MARGIN_MS;
+    const margin = Math.min(TOKEN_SAFETY_MARGIN_MS, this.tokenLifetimeMs / 20);
+    return reply.type === 'interaction' && Date.now() - reply.tokenIssuedAt > this.tokenLifetimeMs - margin;
   }
 
   private moveToChannel(why: string): void {

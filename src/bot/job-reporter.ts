@@ -8,6 +8,13 @@ import type { OutgoingMessage } from './messages.ts';
 
 type MessageFactory = () => OutgoingMessage | Promise<OutgoingMessage>;
 
+/**
+ * The first update waits this long (at most one interval) after the acknowledgement, so that under a
+ * burst of commands the acknowledgements go out before the status edits (discord.js paces all REST
+ * requests at 50 per second).
+ */
+const FIRST_UPDATE_DELAY_MS = 1000;
+
 export class JobReporter {
   private pending: { make: MessageFactory; key?: string } | undefined;
   private timer: NodeJS.Timeout | undefined;
@@ -27,6 +34,7 @@ export class JobReporter {
     /** The job was restored after a restart (its first update says so). */
     readonly restored = false,
   ) {
+    this.lastSentAt = Date.now() - intervalMs + Math.min(intervalMs, FIRST_UPDATE_DELAY_MS);
     this.acknowledged = ack.then(
       () => undefined,
       (error: unknown) => {

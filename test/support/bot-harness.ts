@@ -6,6 +6,7 @@ import { commands } from '../../commands/index.ts';
 import { startBot, type RunningBot } from '../../src/bot/bot.ts';
 import { loadConfig, type BotConfig } from '../../src/bot/config.ts';
 import type { EngineClient, PackageInfo } from '../../src/engine/api.ts';
+import type { JobRecord } from '../../src/store/job-store.ts';
 import { parseParameters, readPngText } from '../../src/engine/render/index.ts';
 import { FakeDiscord, type FakeInteraction, type FakeMessage, type FakeUser, type OptionValue } from './fake-discord.ts';
 import { ProceduralTestEngine } from './procedural-engine.ts';
@@ -80,6 +81,18 @@ export class BotHarness {
   /** Waits for the interaction's original response to become a finished result (it has buttons). */
   async result(interaction: FakeInteraction, timeoutMs = 20_000): Promise<FakeMessage> {
     return interaction.waitFor((i) => (isResult(i.original) ? i.original : undefined), timeoutMs, `result of ${interaction.id}`);
+  }
+
+  /** The stored job behind a message, once the bot has recorded how it ended (it learns ids from Discord's replies). */
+  async job(messageId: string, timeoutMs = 5000): Promise<JobRecord> {
+    return this.fake.waitFor(
+      () => {
+        const job = this.bot.store.findByMessage(messageId);
+        return job && job.status !== 'queued' && job.status !== 'running' && (job.status !== 'done' || job.resultMessageId) ? job : undefined;
+      },
+      timeoutMs,
+      `job of message ${messageId}`,
+    );
   }
 
   async close(): Promise<void> {
