@@ -21,10 +21,20 @@ function toError(e: SerializedError): EngineError {
   return new EngineError(e.code as EngineError['code'], e.message);
 }
 
-function threadExecArgv(): string[] {
-  const args = [...process.execArgv];
-  const hasTsx = args.some((a) => a.includes('tsx'));
-  return hasTsx ? args : [...args, '--import', 'tsx'];
+/**
+ * Worker threads do not inherit tsx's module hooks on Node 20, so the thread starts from a tiny
+ * bootstrap that registers tsx (when the entry is TypeScript) and then imports the real entry.
+ */
+function spawnThread(entry: URL, workerData: unknown): Worker {
+  const isTs = entry.pathname.endsWith('.ts');
+  const tsxApi = isTs ? import.meta.resolve('tsx/esm/api') : '';
+  const bootstrap = `
+    (async () => {
+      if (${JSON.stringify(tsxApi)}) (await import(${JSON.stringify(tsxApi)})).register();
+      await import(${JSON.stringify(entry.href)});
+    })().catch((err) => { console.error(err); process.exit(1); });`;
+  const execArgv = process.execArgv.filter((a, i, all) => !a.includes('tsx') && !(all[i + 1] ?? '').includes('tsx'));
+  return new Worker(bootstrap, { eval: true, workerData, execArgv });
 }
 
 export class EngineWorker implements EngineClient {
@@ -45,10 +55,7 @@ export class EngineWorker implements EngineClient {
   }
 
   static start(options: EngineThreadOptions): Promise<EngineWorker> {
-    const worker = new Worker(new URL('./engine-thread.ts', import.meta.url), {
-      workerData: options,
-      execArgv: threadExecArgv(),
-    });
+    const worker = spawnThread(new URL('./engine-thread.ts', import.meta.url), options);
     return new Promise((resolve, reject) => {
       const onMessage = (m: FromThread) => {
         if (m.type === 'ready') {
