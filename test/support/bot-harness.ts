@@ -68,8 +68,9 @@ export class BotHarness {
   }
 
   /** Stops the bot (as a shutdown would) and starts a new one on the same fake Discord and data. */
-  async restart(options: Pick<HarnessOptions, 'engine' | 'env'> = {}): Promise<void> {
+  async restart(options: Pick<HarnessOptions, 'engine' | 'env'> & { downtimeMs?: number } = {}): Promise<void> {
     await this.bot.stop();
+    if (options.downtimeMs) await new Promise((resolve) => setTimeout(resolve, options.downtimeMs));
     const config = options.env ? { ...this.config, ...loadConfig({ ...configEnv(this.config), ...options.env }) } : this.config;
     this.bot = await BotHarness.launch(config, { ...this.options, ...options });
   }
