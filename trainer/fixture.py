@@ -222,11 +222,12 @@ def write_reference(out_dir: str, tokenizer: CLIPTokenizer, text_encoder: CLIPTe
         elif req["mode"] == "single":
             (eid,) = req["experts"]
             unet = experts[eid]
-            # `odd` is exported with timestep int64 [B]: it sees whole timesteps, as its graph does
+            # `odd` is exported with timestep int64 [B]: it sees whole timesteps (truncated, as numpy's
+            # astype in Optimum's pipeline and the engine do), as its graph does
             int64 = eid == "odd"
 
             def denoiser(x, t, text, unet=unet, int64=int64):
-                return unet(x, t.round().long() if int64 else t, text)
+                return unet(x, t.long() if int64 else t, text)
 
             map_experts = None
         else:
