@@ -11,11 +11,21 @@ export interface DenoiseOutput {
   weights?: Float32Array;
 }
 
+/** One expert's text conditioning for the whole model batch. */
+export interface Conditioning {
+  /** `[batch, 77, D]` */
+  hidden: FloatTensor;
+  /** `[batch, P]`: the pooled text embedding, for graphs with a `class_labels` input. */
+  pooled?: FloatTensor;
+  /** `[batch, 77]`: 1 for BOS, prompt and first EOS, 0 for padding (`encoder_attention_mask`). */
+  mask?: FloatTensor;
+}
+
 export interface Denoiser {
   readonly mode: Mode;
   readonly experts: ExpertEntry[];
-  /** `text` holds each expert's text embeddings `[batch, 77, D]`, keyed by expert id. */
-  predict(sample: FloatTensor, timestep: number, text: Map<string, FloatTensor>): Promise<DenoiseOutput>;
+  /** `text` holds each expert's conditioning, keyed by expert id. */
+  predict(sample: FloatTensor, timestep: number, text: Map<string, Conditioning>): Promise<DenoiseOutput>;
 }
 
 const UNET_INPUTS = ['sample', 'timestep', 'encoder_hidden_states'];
@@ -24,16 +34,47 @@ function outputName(session: GraphSession, preferred: string): string {
   return session.outputs.has(preferred) ? preferred : [...session.outputs.keys()][0];
 }
 
-async function runUnet(session: GraphSession, sample: FloatTensor, t: number, text: FloatTensor): Promise<Float32Array> {
-  const out = await session.run({
+/** Feeds the optional conditioning inputs a graph declares (pooled text, cross-attention mask). */
+function addOptionalInputs(session: GraphSession, feeds: Record<string, ReturnType<GraphSession['tensor']>>, text: Conditioning[], stackPooled: boolean): void {
+  if (session.has('encoder_attention_mask')) {
+    const mask = text[0].mask;
+    if (!mask) throw new EngineError('bad_package', `Graph ${session.file} wants encoder_attention_mask but no mask was computed.`);
+    feeds.encoder_attention_mask = session.tensor('encoder_attention_mask', mask);
+  }
+  if (session.has('class_labels')) {
+    const pooled = text.map((c) => c.pooled);
+    if (pooled.some((p) => !p)) {
+      throw new EngineError('bad_package', `Graph ${session.file} wants class_labels (pooled text) but its text encoder has no pooler_output.`);
+    }
+    const first = pooled[0]!;
+    feeds.class_labels = stackPooled
+      ? session.tensor('class_labels', { data: concatAll(pooled.map((p) => p!.data)), dims: [pooled.length, ...first.dims] })
+      : session.tensor('class_labels', first);
+  }
+}
+
+function concatAll(parts: Float32Array[]): Float32Array {
+  const out = new Float32Array(parts.reduce((s, p) => s + p.length, 0));
+  let offset = 0;
+  for (const p of parts) {
+    out.set(p, offset);
+    offset += p.length;
+  }
+  return out;
+}
+
+async function runUnet(session: GraphSession, sample: FloatTensor, t: number, text: Conditioning): Promise<Float32Array> {
+  const feeds = {
     sample: session.tensor('sample', sample),
     timestep: session.timestepTensor('timestep', t, sample.dims[0]),
-    encoder_hidden_states: session.tensor('encoder_hidden_states', text),
-  });
+    encoder_hidden_states: session.tensor('encoder_hidden_states', text.hidden),
+  };
+  addOptionalInputs(session, feeds, [text], false);
+  const out = await session.run(feeds);
   return out[outputName(session, 'out_sample')].data;
 }
 
-function textFor(text: Map<string, FloatTensor>, id: string): FloatTensor {
+function textFor(text: Map<string, Conditioning>, id: string): Conditioning {
   const t = text.get(id);
   if (!t) throw new EngineError('internal', `No text embeddings for expert "${id}".`);
   return t;
@@ -48,7 +89,7 @@ export class SingleDenoiser implements Denoiser {
     session.require(UNET_INPUTS);
   }
 
-  async predict(sample: FloatTensor, t: number, text: Map<string, FloatTensor>): Promise<DenoiseOutput> {
+  async predict(sample: FloatTensor, t: number, text: Map<string, Conditioning>): Promise<DenoiseOutput> {
     return { prediction: await runUnet(this.session, sample, t, textFor(text, this.experts[0].id)) };
   }
 }
@@ -63,7 +104,7 @@ export class AverageDenoiser implements Denoiser {
     for (const s of sessions) s.require(UNET_INPUTS);
   }
 
-  async predict(sample: FloatTensor, t: number, text: Map<string, FloatTensor>): Promise<DenoiseOutput> {
+  async predict(sample: FloatTensor, t: number, text: Map<string, Conditioning>): Promise<DenoiseOutput> {
     const acc = new Float32Array(sample.data.length);
     for (let i = 0; i < this.sessions.length; i++) {
       const out = await runUnet(this.sessions[i], sample, t, textFor(text, this.experts[i].id));
@@ -90,18 +131,18 @@ export class MergeDenoiser implements Denoiser {
     session.require(UNET_INPUTS);
   }
 
-  async predict(sample: FloatTensor, t: number, text: Map<string, FloatTensor>): Promise<DenoiseOutput> {
+  async predict(sample: FloatTensor, t: number, text: Map<string, Conditioning>): Promise<DenoiseOutput> {
     // Experts normally share a text encoder; when they don't, the merged model sees the weighted
     // mean of their embeddings, as a merged text encoder would approximately produce.
     const first = textFor(text, this.experts[0].id);
     let embeddings = first;
     if (this.experts.some((e) => textFor(text, e.id) !== first)) {
-      const mean = new Float32Array(first.data.length);
+      const mean = new Float32Array(first.hidden.data.length);
       this.experts.forEach((e, i) => {
-        const d = textFor(text, e.id).data;
+        const d = textFor(text, e.id).hidden.data;
         for (let j = 0; j < mean.length; j++) mean[j] += this.weights[i] * d[j];
       });
-      embeddings = { data: mean, dims: first.dims };
+      embeddings = { ...first, hidden: { data: mean, dims: first.hidden.dims } };
     }
     return { prediction: await runUnet(this.session, sample, t, embeddings) };
   }
@@ -132,11 +173,10 @@ export class AfaDenoiser implements Denoiser {
     }
   }
 
-  async predict(sample: FloatTensor, t: number, text: Map<string, FloatTensor>): Promise<DenoiseOutput> {
+  async predict(sample: FloatTensor, t: number, text: Map<string, Conditioning>): Promise<DenoiseOutput> {
     const per = this.allExperts.map((e) => text.get(e.id) ?? textFor(text, this.experts[0].id));
-    const [batch, tokens, dim] = per[0].dims;
-    const stacked = new Float32Array(per.length * per[0].data.length);
-    per.forEach((p, i) => stacked.set(p.data, i * p.data.length));
+    const [batch, tokens, dim] = per[0].hidden.dims;
+    const stacked = concatAll(per.map((p) => p.hidden.data));
     const s = this.session;
     const feeds: Record<string, ReturnType<GraphSession['tensor']>> = {
       sample: s.tensor('sample', sample),
@@ -144,6 +184,7 @@ export class AfaDenoiser implements Denoiser {
       encoder_hidden_states: s.tensor('encoder_hidden_states', { data: stacked, dims: [per.length, batch, tokens, dim] }),
     };
     if (this.mask) feeds.expert_mask = s.tensor('expert_mask', { data: this.mask, dims: [this.mask.length] });
+    addOptionalInputs(s, feeds, per, true);
     const out = await s.run(feeds);
     return { prediction: out[outputName(s, 'out_sample')].data, weights: out.contributions.data };
   }

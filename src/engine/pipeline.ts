@@ -9,7 +9,7 @@ import {
   type ProgressEvent,
   type RgbImage,
 } from './api.ts';
-import { createDenoiser } from './denoisers.ts';
+import { createDenoiser, type Conditioning } from './denoisers.ts';
 import type { ExpertEntry } from './manifest.ts';
 import { ModelPackage } from './model-package.ts';
 import type { FloatTensor, SessionOptions } from './onnx-session.ts';
@@ -91,13 +91,14 @@ export class Engine {
     const loopRunBefore = await this.runMsSoFar();
     const loopStart = performance.now();
     const totalSteps = scheduler.timesteps.length;
+    const conditioning = this.expand(text, batch, guided);
     for (let step = 0; step < totalSteps; step++) {
       checkCancelled();
       const t = scheduler.timesteps[step];
       const scaled = scheduler.scaleModelInput(latents, step);
       const modelInput = guided ? concat(scaled, scaled) : scaled;
       const rows = guided ? 2 * batch : batch;
-      const out = await denoiser.predict({ data: modelInput, dims: [rows, channels, h, w] }, t, this.expand(text, batch, guided));
+      const out = await denoiser.predict({ data: modelInput, dims: [rows, channels, h, w] }, t, conditioning);
       const prediction = guided ? applyGuidance(out.prediction, req.guidance) : out.prediction;
       latents = scheduler.step(prediction, step, latents, ancestralNoise);
       if (weightSums && out.weights) {
@@ -167,11 +168,11 @@ export class Engine {
   }
 
   /** One [uncond; cond] embedding pair per distinct text encoder, mapped to every expert using it. */
-  private async encodeText(req: ResolvedRequest): Promise<{ text: Map<string, FloatTensor>; truncatedWords: string[] }> {
+  private async encodeText(req: ResolvedRequest): Promise<{ text: Map<string, Conditioning>; truncatedWords: string[] }> {
     const m = this.pkg.manifest;
-    const byEncoder = new Map<string, Promise<FloatTensor>>();
+    const byEncoder = new Map<string, Promise<Conditioning>>();
     let truncatedWords: string[] = [];
-    const encode = async (encoderFile: string, tokenizerDir: string): Promise<FloatTensor> => {
+    const encode = async (encoderFile: string, tokenizerDir: string): Promise<Conditioning> => {
       const tokenizer = await this.pkg.tokenizer(tokenizerDir);
       const cond = tokenizer.tokenize(req.prompt);
       const uncond = tokenizer.tokenize(req.negative);
@@ -183,9 +184,14 @@ export class Engine {
       ids.set(cond.inputIds, MAX_TOKENS);
       const out = await session.run({ input_ids: session.tensor('input_ids', { data: ids, dims: [2, MAX_TOKENS] }) });
       const hidden = out.last_hidden_state ?? Object.values(out)[0];
-      return hidden;
+      const mask = new Float32Array(2 * MAX_TOKENS);
+      [uncond.inputIds, cond.inputIds].forEach((row, r) => {
+        const eos = row.indexOf(tokenizer.eosId, 1);
+        mask.fill(1, r * MAX_TOKENS, r * MAX_TOKENS + (eos < 0 ? MAX_TOKENS : eos + 1));
+      });
+      return { hidden, pooled: out.pooler_output, mask: { data: mask, dims: [2, MAX_TOKENS] } };
     };
-    const text = new Map<string, FloatTensor>();
+    const text = new Map<string, Conditioning>();
     for (const e of req.experts) {
       const encoderFile = e.textEncoder ?? m.textEncoder;
       const tokenizerDir = e.tokenizer ?? m.tokenizer;
@@ -196,21 +202,28 @@ export class Engine {
     return { text, truncatedWords };
   }
 
-  /** [uncond; cond] pairs → `[2B, 77, D]` rows ordered uncond×B then cond×B (or cond×B unguided). */
-  private expand(text: Map<string, FloatTensor>, batch: number, guided: boolean): Map<string, FloatTensor> {
-    const cache = new Map<FloatTensor, FloatTensor>();
-    const out = new Map<string, FloatTensor>();
+  /** [uncond; cond] pairs → rows ordered uncond×B then cond×B (or cond×B unguided); done once per generation. */
+  private expand(text: Map<string, Conditioning>, batch: number, guided: boolean): Map<string, Conditioning> {
+    const rows = guided ? 2 * batch : batch;
+    const expandTensor = (pair: FloatTensor): FloatTensor => {
+      const row = pair.data.length / 2;
+      const data = new Float32Array(rows * row);
+      for (let r = 0; r < rows; r++) {
+        const src = guided && r < batch ? 0 : row;
+        data.set(pair.data.subarray(src, src + row), r * row);
+      }
+      return { data, dims: [rows, ...pair.dims.slice(1)] };
+    };
+    const cache = new Map<Conditioning, Conditioning>();
+    const out = new Map<string, Conditioning>();
     for (const [id, pair] of text) {
       let expanded = cache.get(pair);
       if (!expanded) {
-        const row = pair.data.length / 2;
-        const rows = guided ? 2 * batch : batch;
-        const data = new Float32Array(rows * row);
-        for (let r = 0; r < rows; r++) {
-          const src = guided && r < batch ? 0 : row;
-          data.set(pair.data.subarray(src, src + row), r * row);
-        }
-        expanded = { data, dims: [rows, pair.dims[1], pair.dims[2]] };
+        expanded = {
+          hidden: expandTensor(pair.hidden),
+          pooled: pair.pooled && expandTensor(pair.pooled),
+          mask: pair.mask && expandTensor(pair.mask),
+        };
         cache.set(pair, expanded);
       }
       out.set(id, expanded);
