@@ -18,6 +18,12 @@ the machine's load).
 
     python3 -m trainer.build_demo [--device cpu|cuda] [--stage NAME ...] [--smoke] [--redo]
                                   [--run-dir DIR] [--out DIR] [--time-scale X] [--threads N]
+                                  [--skip NAME ...] [--bundle FILE.tar] [--unbundle FILE.tar]
+
+A bundle is a tar of the finished stages' products (weights in float16, tokenizer, logs, state),
+without data, optimizer states or checkpoints: what a GPU host sends back, or what is committed so
+that a new machine can go on (`--unbundle FILE --stage export` packages it). Missing world data
+and latents are regenerated (deterministically) when a later stage needs them.
 """
 from __future__ import annotations
 
@@ -31,7 +37,8 @@ import datetime
 import json
 import math
 import shutil
-import sys
+import tarfile
+import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -42,6 +49,7 @@ from trainer import classifier as clf
 from trainer import demo_config, shapes
 from trainer.afa import AFAEnsemble, contribution_map
 from trainer.bpe import CLIPTokenizer, train_bpe
+from trainer.checkpoint_io import load_safetensors, load_safetensors_metadata, save_safetensors
 from trainer.checkpointing import load_aggregators, load_text_encoder, load_unet, load_vae, save_vae
 from trainer.data import write_png
 from trainer.sampler import decode_latents, sample
@@ -65,6 +73,9 @@ DEPENDS = {
 BUDGET_KEY = {"classifier": "classifier", "vae": "vae", "base": "base", "afa": "afa",
               **{s: "expert" for s in EXPERT_STAGES}}
 WORLD_SETS = ("all",) + FAMILIES
+BUNDLE_PATHS = ("state.json", "build_log.md", "build.log", "logs", "tokenizer", "classifier/classifier.pt",
+                "world/preview.png", "vae/final", "base/final", "afa/final", "base/samples.png", "afa/samples.png") \
+    + tuple(f"{s}/final" for s in EXPERT_STAGES) + tuple(f"{s}/samples.png" for s in EXPERT_STAGES)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VAE_EVAL_SEED = 2**31 - 100
 
@@ -247,7 +258,11 @@ class DemoBuild:
     def world(self, name: str) -> shapes.ShapesBatch:
         key = f"world:{name}"
         if key not in self._cache:
-            self._cache[key] = shapes.load_dataset(self.path("world", f"{name}.pt"))
+            path = self.path("world", f"{name}.pt")
+            if not os.path.exists(path):
+                self.log(f"world data {name} is missing: rendering it again")
+                self.stage_world(None)
+            self._cache[key] = shapes.load_dataset(path)
         return self._cache[key]
 
     def classifier(self) -> clf.AttributeClassifier:
@@ -266,7 +281,11 @@ class DemoBuild:
     def latents(self, name: str) -> TensorExamples:
         key = f"latents:{name}"
         if key not in self._cache:
-            blob = torch.load(self.path("latents", f"{name}.pt"))
+            path = self.path("latents", f"{name}.pt")
+            if not os.path.exists(path):
+                self.log(f"latents {name} are missing: encoding the world data again")
+                self.encode_latents(self.vae())
+            blob = torch.load(path)
             self._cache[key] = TensorExamples(blob["latents"].to(self.device).float(), blob["captions"])
         return self._cache[key]
 
@@ -339,6 +358,46 @@ class DemoBuild:
             out["routing"] = routing_share(contributions, batch)
         self._last_images = images
         return out
+
+    # -----------------------------------------------------------------------------------------
+    # bundles
+
+    def write_bundle(self, path: str) -> List[str]:
+        """Writes the finished products (BUNDLE_PATHS that exist) to a tar, weights in float16."""
+        added: List[str] = []
+        with tempfile.TemporaryDirectory() as tmp, tarfile.open(path, "w") as tar:
+            for rel in BUNDLE_PATHS:
+                full = self.path(rel)
+                files = [full] if os.path.isfile(full) else [
+                    os.path.join(root, f) for root, _, names in os.walk(full) for f in sorted(names)]
+                for file in files:
+                    arcname = os.path.relpath(file, self.run_dir)
+                    converted = _convert_weights(file, os.path.join(tmp, "w"), torch.float16)
+                    tar.add(converted or file, arcname=arcname)
+                    added.append(arcname)
+        return added
+
+    def read_bundle(self, path: str) -> List[str]:
+        """Unpacks a bundle into the run folder (weights back to float32) and reloads its state."""
+        names: List[str] = []
+        with tempfile.TemporaryDirectory() as tmp, tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                if not member.isfile() or member.name.startswith("/") or ".." in member.name.split("/"):
+                    continue
+                tar.extract(member, tmp)
+                source = os.path.join(tmp, member.name)
+                target = self.path(member.name)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                converted = _convert_weights(source, os.path.join(tmp, "w"), torch.float32)
+                shutil.copyfile(converted or source, target)
+                names.append(member.name)
+        with open(self.state_path) as f:
+            state = json.load(f)
+        state["recipe"] = self.r
+        self.state = state
+        self._cache.clear()
+        self.save_state()
+        return names
 
     # -----------------------------------------------------------------------------------------
     # stages
@@ -594,7 +653,7 @@ class DemoBuild:
             classifier = clf.load_classifier(self.path("classifier", "classifier.pt"))
             blob = torch.load(self.path("classifier", "classifier.pt"))
             clf.export_classifier_onnx(classifier, os.path.join(self.out_dir, "eval", "classifier.onnx"),
-                                       accuracy=blob.get("accuracy"))
+                                       accuracy=blob.get("accuracy"), fp16=ex["fp16"])
         finally:
             torch.set_grad_enabled(True)
         shutil.copyfile(self.path("build_log.md"), os.path.join(self.out_dir, "eval", "build_log.md"))
@@ -605,6 +664,24 @@ class DemoBuild:
         return {"done": True, "measured": {"package_mb": round(sum(sizes.values()) / 2**20, 2),
                                            "graphs": len(result.reports)},
                 "files": sizes}
+
+
+def _convert_weights(path: str, tmp: str, dtype: torch.dtype) -> Optional[str]:
+    """A copy of a weight file (.safetensors, or the classifier's .pt) with floating tensors in
+    `dtype`, written to `tmp`; None for other files."""
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if t.is_floating_point() else t
+
+    if path.endswith(".safetensors"):
+        tensors = {k: cast(v) for k, v in load_safetensors(path).items()}
+        save_safetensors(tensors, tmp, load_safetensors_metadata(path))
+        return tmp
+    if os.path.basename(path) == "classifier.pt":
+        blob = torch.load(path)
+        blob["state_dict"] = {k: cast(v) for k, v in blob["state_dict"].items()}
+        torch.save(blob, tmp)
+        return tmp
+    return None
 
 
 def cross_family_pairs(batch: shapes.ShapesBatch) -> shapes.ShapesBatch:
@@ -641,12 +718,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Build the demo model zoo (models/demo) stage by stage.")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--stage", action="append", choices=STAGES, help="run only this stage (repeatable)")
+    parser.add_argument("--skip", action="append", choices=STAGES, default=[], help="leave this stage out (repeatable)")
     parser.add_argument("--smoke", action="store_true", help="tiny models, a few steps per stage (pipeline check)")
     parser.add_argument("--redo", action="store_true", help="forget the --stage stages (and what depends on them) first")
     parser.add_argument("--run-dir", help="state folder (default trainer/runs/demo, or demo-smoke with --smoke)")
     parser.add_argument("--out", help="package folder (default models/demo; with --smoke <run-dir>/package)")
     parser.add_argument("--time-scale", type=float, default=1.0, help="multiply every stage's time budget")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--bundle", help="afterwards, write the finished products to this tar (float16 weights)")
+    parser.add_argument("--unbundle", help="first, unpack a bundle into the run folder")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -661,9 +741,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error("--redo needs --stage")
         for name in args.stage:
             build.redo(name)
+    if args.unbundle:
+        build.log(f"unpacked {len(build.read_bundle(args.unbundle))} files from {args.unbundle}")
     started = time.monotonic()
-    build.run(args.stage)
-    build.log(f"build: {(time.monotonic() - started) / 60:.2f} min this run; log in {build.path('build_log.md')}")
+    try:
+        build.run([s for s in (args.stage or STAGES) if s not in args.skip])
+        build.log(f"build: {(time.monotonic() - started) / 60:.2f} min this run; log in {build.path('build_log.md')}")
+    finally:
+        if args.bundle:  # also after a failure: what is finished is kept
+            build.log(f"bundled {len(build.write_bundle(args.bundle))} files into {args.bundle}")
     return 0
 
 

@@ -45,7 +45,7 @@ OUTPUT_NAMES = tuple(WHOLE_HEADS) + tuple(f"{h}_{a}" for h in HALVES for a in HA
 @dataclass
 class ClassifierConfig:
     widths: Sequence[int] = field(default_factory=lambda: (24, 48, 96, 128))
-    squeeze_channels: int = 32
+    squeeze_channels: int = 16
     feature_dim: int = 256
 
     def __post_init__(self):
@@ -383,18 +383,28 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 # Export
 
 def export_classifier_onnx(model: AttributeClassifier, path: str, accuracy: Optional[Dict[str, float]] = None,
-                           opset: int = 17) -> str:
-    """Writes `path` (ONNX, batch dynamic) and `classifier.json` beside it; returns the json's path."""
+                           fp16: bool = False, opset: int = 17) -> str:
+    """Writes `path` (ONNX, batch dynamic; with fp16 the weights are stored as float16 and cast
+    inside the graph, inputs and outputs stay float32) and `classifier.json` beside it; returns
+    the json's path."""
     model = model.to("cpu").eval()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     example = torch.zeros(1, 3, shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)
+    # the wrapper must be in eval mode too: the exporter restores the top module's mode on every child
+    wrapper = _OnnxOutputs(model).eval()
     with torch.no_grad():
         torch.onnx.export(
-            _OnnxOutputs(model), (example,), path,
+            wrapper, (example,), path,
             input_names=["image"], output_names=list(OUTPUT_NAMES),
             dynamic_axes={"image": {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}},
             opset_version=opset, do_constant_folding=True, **onnx_export_kwargs(),
         )
+    if fp16:
+        import onnx
+
+        from trainer.export import store_weights_fp16
+
+        onnx.save_model(store_weights_fp16(onnx.load(path)), path)
     meta = {
         "input": {"name": "image", "shape": [None, 3, shapes.IMAGE_SIZE, shapes.IMAGE_SIZE],
                   "dtype": "float32", "range": [0, 1], "layout": "RGB, channels first"},

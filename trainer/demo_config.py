@@ -49,10 +49,10 @@ _DOWN, _CROSS_DOWN, _UP, _CROSS_UP = "DownBlock2D", "CrossAttnDownBlock2D", "UpB
 _FULL: Dict[str, Any] = {
     "seed": 0,
     "world": {"n_all": 60_000, "n_family": 20_000, "two_object_prob": 0.3, "omit_prob": 0.2},
-    "classifier": {"config": {"widths": [24, 48, 96, 128], "squeeze_channels": 32, "feature_dim": 256},
+    "classifier": {"config": {"widths": [24, 48, 96, 128], "squeeze_channels": 16, "feature_dim": 256},
                    "steps": 3000, "batch_size": 128, "lr": 3e-3, "two_object_prob": 0.4, "eval_n": 2000,
                    "minutes": 30.0},
-    "tokenizer": {"vocab_size": 600},
+    "tokenizer": {"vocab_size": 700},  # every caption word becomes one token
     "vae": {
         "config": {"block_out_channels": [32, 64], "layers_per_block": 1, "latent_channels": 4,
                    "norm_num_groups": 16, "mid_block_attention": False},
@@ -92,10 +92,10 @@ _FULL: Dict[str, Any] = {
 # One H100/H200, whole build ≤ 10 minutes: bf16 autocast, big batches, data rendered on the GPU.
 _CUDA_OVERRIDES: Dict[str, Any] = {
     "classifier": {"batch_size": 256, "minutes": 0.5},
-    "vae": {"batch_size": 128, "minutes": 1.2},
-    "base": {"batch_size": 256, "minutes": 2.6},
-    "expert": {"batch_size": 256, "minutes": 0.7},
-    "afa": {"batch_size": 128, "minutes": 1.4},
+    "vae": {"batch_size": 256, "minutes": 1.2},
+    "base": {"batch_size": 512, "minutes": 2.6},
+    "expert": {"batch_size": 512, "minutes": 0.7},
+    "afa": {"batch_size": 256, "lr": 1e-3, "minutes": 1.4},
     "eval": {"n": 256},
     "checkpoint_minutes": 1.0,
 }

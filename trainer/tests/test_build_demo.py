@@ -65,6 +65,21 @@ def test_first_stages_in_smoke_mode_then_resume_and_redo(tmp_path):
     again.run(["world", "tokenizer"])
     assert any("world: done already" in line for line in lines2)
 
+    # a bundle carries the products (float16 weights) to another run folder
+    bundle = str(tmp_path / "bundle.tar")
+    names = again.write_bundle(bundle)
+    assert "vae/final/vae/diffusion_pytorch_model.safetensors" in names and "classifier/classifier.pt" in names
+    assert not any(n.startswith(("world/all", "latents/", "vae/checkpoints")) for n in names)
+    elsewhere = build_demo.DemoBuild(again.r, str(tmp_path / "other"), str(tmp_path / "pkg2"), log=lines2.append)
+    elsewhere.read_bundle(bundle)
+    assert elsewhere.done("vae") and elsewhere.done("classifier")
+    original, restored = again.vae().state_dict(), elsewhere.vae().state_dict()
+    for key, value in original.items():
+        assert restored[key].dtype == torch.float32
+        assert torch.allclose(restored[key].cpu(), value.cpu().half().float()), key
+    assert len(elsewhere.world("blocks")) == build.r["world"]["n_family"]  # data is rendered again on demand
+    assert torch.equal(elsewhere.world("blocks").images, again.world("blocks").images)
+
     # redo forgets the stage and everything that depends on it
     again.redo("tokenizer")
     assert not again.done("tokenizer") and again.done("vae") and again.done("world")

@@ -59,8 +59,9 @@ def test_a_few_steps_lower_the_loss():
 def test_onnx_export_names_every_head(tmp_path):
     model = clf.AttributeClassifier(TINY)
     path = str(tmp_path / "eval" / "classifier.onnx")
-    meta_path = clf.export_classifier_onnx(model, path, accuracy={"shape": 0.5})
+    meta_path = clf.export_classifier_onnx(model, path, accuracy={"shape": 0.5}, fp16=True)
     graph = onnx.load(path)
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in graph.graph.initializer)
     onnx.checker.check_model(graph)
     assert [i.name for i in graph.graph.input] == ["image"]
     assert [o.name for o in graph.graph.output] == list(clf.OUTPUT_NAMES)
@@ -145,3 +146,23 @@ def test_augment_is_seeded_and_stays_in_range():
     a, b = clf.augment(x, g1), clf.augment(x, g2)
     assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 1
     assert (a - x).abs().mean() > 0
+
+
+@pytest.mark.parametrize("fp16,tolerance", [(False, 1e-4), (True, 2e-2)])
+def test_exported_graph_matches_torch_in_onnxruntime(tmp_path, fp16, tolerance):
+    from trainer import ort_check
+
+    ort_check.skip_unless_available()
+    torch.manual_seed(1)
+    model = clf.AttributeClassifier(TINY)
+    clf.train_classifier(model, steps=2, batch_size=8, seed=0, eval_n=8)  # non-trivial BatchNorm statistics
+    model.eval()
+    path = str(tmp_path / "classifier.onnx")
+    clf.export_classifier_onnx(model, path, fp16=fp16)
+    assert not model.training  # exporting leaves the model as it was
+    images = clf.images_to_input(shapes.sample_batch(3, seed=9, two_object_prob=0.5).images)
+    outputs = ort_check.run_onnx(path, {"image": images.numpy()})
+    with torch.no_grad():
+        expected = model(images)
+    for name in clf.OUTPUT_NAMES:
+        assert np.allclose(outputs[name], expected[name].numpy(), atol=tolerance, rtol=tolerance), name
