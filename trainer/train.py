@@ -8,7 +8,15 @@ Library:
 (as keywords or `options=TrainOptions(...)`) plus each loop's own keywords. Every random draw of a
 step (caption alternatives, caption dropout, VAE posterior noise, diffusion noise, timesteps, expert
 masks) comes from one CPU generator seeded with `seed`, and the batch of step s is a function of
-(seed, s); the generator is checkpointed, so k steps + resume to 2k equals 2k straight.
+(seed, s); the generator is checkpointed, so k steps + resume to 2k equals 2k straight, bit for bit
+on the CPU. On CUDA (checked on an H200, torch 2.11) plain runs differ from each other in the last
+bits (atomic adds in backward kernels, ~1e-5 after a few steps); `deterministic` selects
+deterministic kernels for runs that must match exactly.
+
+evaluate(step) -> dict | None, when given, runs at every checkpoint (checkpoint_every,
+checkpoint_minutes, a budget stop; also without out_dir) and at the end, with the EMA weights
+applied and the trained modules in eval mode; what it returns goes to metrics.jsonl and
+TrainResult.evaluations. Training state is untouched by it: it may use torch's global RNG freely.
 
 CLI:
     python3 -m trainer.train vae|unet|afa --config FILE.json [--device cpu|cuda] [--out-dir DIR]
@@ -44,7 +52,7 @@ non-SD1.5 shapes).
 `train` keys:
   all loops  steps, batch_size, lr, weight_decay, adam_betas, adam_eps, warmup_steps, grad_clip,
              ema_decay, seed, checkpoint_every (steps), checkpoint_minutes, keep_checkpoints,
-             max_minutes, log_every, amp_bf16, compile (see TrainOptions)
+             max_minutes, log_every, amp_bf16, compile, deterministic (see TrainOptions)
   vae        kl_weight
   unet       caption_dropout, snr_weighting ("none" | "min_snr" | "capped"), snr_gamma,
              prediction_type (overrides the scheduler's), train_text_encoder, text_encoder_lr,
@@ -64,7 +72,6 @@ if __name__ == "__main__":
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import json
 import math
@@ -75,7 +82,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.afa import AFAEnsemble, random_expert_mask
@@ -123,11 +129,12 @@ class TrainOptions:
     checkpoint_every: Optional[int] = None  # steps
     checkpoint_minutes: Optional[float] = None
     keep_checkpoints: Optional[int] = 3     # None/0: keep all
-    max_minutes: Optional[float] = None     # time budget of this call; stops with a checkpoint
+    max_minutes: Optional[float] = None     # budget for this call's loop; stops with a checkpoint
     log_every: int = 10
     quiet: bool = False
     amp_bf16: bool = False                  # CUDA only: autocast forward passes to bfloat16
     compile: bool = False                   # torch.compile the trained network's forward (torch ≥ 2)
+    deterministic: bool = False             # CUDA: deterministic kernels (CPU runs are deterministic anyway)
 
     @classmethod
     def build(cls, options: Union["TrainOptions", Mapping[str, Any], None] = None, **overrides) -> "TrainOptions":
@@ -517,6 +524,17 @@ class AFAObjective(Objective):
 # the loop
 
 
+def _make_deterministic(device: torch.device) -> None:
+    """Process-wide: cuBLAS workspace config, deterministic cuDNN and deterministic scatter/index kernels.
+    Without it CUDA runs differ in the last bits (atomic adds), so a resumed run only approximates."""
+    if device.type != "cuda":
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def _autocast(options: TrainOptions, device: torch.device):
     if options.amp_bf16 and device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
@@ -524,7 +542,7 @@ def _autocast(options: TrainOptions, device: torch.device):
 
 
 _RESUME_NEUTRAL = {"steps", "out_dir", "resume", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints",
-                   "max_minutes", "log_every", "quiet", "device", "compile", "amp_bf16"}
+                   "max_minutes", "log_every", "quiet", "device", "compile", "amp_bf16", "deterministic"}
 
 
 def _warn_changed_options(saved: Mapping[str, Any], options: TrainOptions) -> None:
@@ -550,7 +568,15 @@ class _MetricsLog:
 def run_training(objective: Objective, data: Sequence[Example], options: TrainOptions,
                  evaluate: Optional[Evaluate] = None, config: Optional[Mapping[str, Any]] = None) -> TrainResult:
     """The shared loop: AdamW, warm-up, clipping, EMA, checkpoints, budget, progress, evaluation."""
+    with torch.enable_grad():  # whatever grad mode the caller left behind
+        return _run_training(objective, data, options, evaluate, config)
+
+
+def _run_training(objective: Objective, data: Sequence[Example], options: TrainOptions,
+                  evaluate: Optional[Evaluate], config: Optional[Mapping[str, Any]]) -> TrainResult:
     device = resolve_device(options.device)
+    if options.deterministic:
+        _make_deterministic(device)
     out_dir = options.out_dir
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
@@ -647,13 +673,14 @@ def run_training(objective: Objective, data: Sequence[Example], options: TrainOp
                                "elapsed_s": progress.elapsed, **progress.mean_extras()})
             step_time = time.monotonic() - step_started
             out_of_time = budget is not None and progress.elapsed + step_time > budget and step < options.steps
-            due = bool(out_dir) and step < options.steps and (
+            due = step < options.steps and (
                 bool(options.checkpoint_every and step % options.checkpoint_every == 0)
                 or bool(options.checkpoint_minutes and time.monotonic() - last_save >= options.checkpoint_minutes * 60))
-            if due or out_of_time:
+            if due or out_of_time:  # evaluations follow the checkpoint schedule, also without out_dir
                 if out_dir:
                     save(step)
-                    last_save, last_saved_step = time.monotonic(), step
+                    last_saved_step = step
+                last_save = time.monotonic()
                 run_evaluation(step)
             if out_of_time:
                 result.stopped_by_budget = True
@@ -861,8 +888,14 @@ def _split_train_section(kind: str, section: Mapping[str, Any]) -> Tuple[Dict[st
 
 
 def run_from_config(kind: str, config: Mapping[str, Any], overrides: Optional[Mapping[str, Any]] = None,
-                    evaluate: Optional[Evaluate] = None) -> TrainResult:
-    """What the CLI does: builds models and data from a config dict, then trains."""
+                    evaluate: Optional[Evaluate] = None,
+                    make_evaluate: Optional[Callable[[Dict[str, Any]], Evaluate]] = None) -> TrainResult:
+    """What the CLI does: builds models and data from a config dict, then trains.
+
+    make_evaluate, when given, receives the built objects ("data", "tokenizer", "vae", "unet",
+    "text_encoder", "ensemble", "text_encoders", "scheduler_config"; those the kind has) and returns
+    the evaluate(step) callback, for evaluations that need the models this function builds.
+    """
     if kind not in _LOOP_KEYS:
         raise ValueError(f"unknown training kind {kind!r}")
     option_values, loop = _split_train_section(kind, dict(config.get("train") or {}))
@@ -879,14 +912,20 @@ def run_from_config(kind: str, config: Mapping[str, Any], overrides: Optional[Ma
     data = open_data_source(dict(config["data"]))
     tokenizer = CLIPTokenizer.from_dir(config["tokenizer"]) if config.get("tokenizer") else None
     record = {"source_config": dict(config)}
+    built: Dict[str, Any] = {"data": data, "tokenizer": tokenizer}
+
+    def callback() -> Optional[Evaluate]:
+        return make_evaluate(built) if make_evaluate is not None else evaluate
 
     if kind == "vae":
         if "vae" not in config:
             raise ValueError("the config needs vae")
-        return train_vae(build_vae(config["vae"]), data, options=opts, evaluate=evaluate, config=record, **loop)
+        built["vae"] = build_vae(config["vae"])
+        return train_vae(built["vae"], data, options=opts, evaluate=callback(), config=record, **loop)
 
     vae = build_vae(config["vae"]) if config.get("vae") and data_is_images(data) else None
     scheduler = _scheduler_config(config.get("scheduler"))
+    built.update(vae=vae, scheduler_config=scheduler)
     if kind == "unet":
         if "unet" not in config:
             raise ValueError("the config needs unet")
@@ -896,8 +935,9 @@ def run_from_config(kind: str, config: Mapping[str, Any], overrides: Optional[Ma
             if tokenizer is None:
                 raise ValueError("a text encoder needs config.tokenizer")
             text_encoder = build_text_encoder(config["text_encoder"], tokenizer)
+        built.update(unet=unet, text_encoder=text_encoder)
         return train_unet(unet, text_encoder, tokenizer, data, options=opts, scheduler_config=scheduler, vae=vae,
-                          evaluate=evaluate, config=record, **loop)
+                          evaluate=callback(), config=record, **loop)
 
     ensemble = build_ensemble(config)
     n = ensemble.num_experts
@@ -922,8 +962,9 @@ def run_from_config(kind: str, config: Mapping[str, Any], overrides: Optional[Ma
             for i, s in enumerate(encoders_spec)]
     else:
         encoders = build_text_encoder(encoders_spec, first_tokenizer)
+    built.update(ensemble=ensemble, text_encoders=encoders, tokenizers=tokenizers)
     return train_afa(ensemble, encoders, tokenizers, data, options=opts, scheduler_config=scheduler, vae=vae,
-                     expert_ids=config.get("expert_ids"), evaluate=evaluate, config=record, **loop)
+                     expert_ids=config.get("expert_ids"), evaluate=callback(), config=record, **loop)
 
 
 def data_is_images(data: Sequence[Example]) -> bool:
@@ -945,6 +986,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.add_argument("--seed", type=int, help="overrides train.seed")
         p.add_argument("--no-resume", action="store_true", help="start from step 0 even if out_dir has checkpoints")
         p.add_argument("--quiet", action="store_true", help="no progress lines")
+        p.add_argument("--deterministic", action="store_true", help="CUDA: deterministic kernels (exact resume)")
         p.add_argument("--threads", type=int, help="torch.set_num_threads")
     p = sub.add_parser("latents", help="encode an image folder into a latents file with a VAE")
     p.add_argument("--vae", required=True, help="VAE folder (final/ of a vae run, or a diffusers vae/ folder)")
@@ -973,6 +1015,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         overrides["resume"] = False
     if args.quiet:
         overrides["quiet"] = True
+    if args.deterministic:
+        overrides["deterministic"] = True
     result = run_from_config(args.kind, config, overrides)
     state = "completed" if result.completed else ("stopped by the time budget" if result.stopped_by_budget else "stopped")
     print(f"{state} at step {result.step}; mean loss of this run {result.mean_loss:.4f}; "

@@ -102,6 +102,14 @@ def test_unet_loss_decreases_and_evaluate_hook_runs(tokenizer, tmp_path):
 
 
 def test_vae_reconstruction_improves():
+    torch.set_grad_enabled(False)  # a caller that left grad off globally does not stop training
+    try:
+        _vae_reconstruction_improves()
+    finally:
+        torch.set_grad_enabled(True)
+
+
+def _vae_reconstruction_improves():
     torch.manual_seed(0)
     vae = AutoencoderKL(VAEConfig.tiny(block_out_channels=(8, 16), norm_num_groups=4))
     colours = torch.tensor([[1.0, -1.0, -1.0], [-1.0, -1.0, 1.0], [-1.0, 1.0, -1.0], [0.5, 0.5, -0.5]])
@@ -243,7 +251,11 @@ def test_caption_dropout_inside_the_loop(tokenizer):
         return original(input_ids, attention_mask)
 
     text_encoder.forward = spy
-    train_unet(unet, text_encoder, tokenizer, colour_latents(), 6, batch_size=16, caption_dropout=0.3, **QUIET)
+    global_rng = torch.get_rng_state()
+    result = train_unet(unet, text_encoder, tokenizer, colour_latents(), 6, batch_size=16, caption_dropout=0.3,
+                        checkpoint_every=3, evaluate=lambda step: {"n": len(rows)}, **QUIET)
+    assert torch.equal(torch.get_rng_state(), global_rng)  # every draw comes from the run's own generator
+    assert result.evaluations == [(3, {"n": 48}), (6, {"n": 96})]  # evaluations run without out_dir too
     assert len(rows) == 96
     dropped = sum(bool(torch.equal(r, empty)) for r in rows)
     assert 15 <= dropped <= 45  # expected 28.8 (binomial sd 4.5)
@@ -511,8 +523,18 @@ def test_cli_trains_vae_unet_and_afa(tokenizer, tmp_path, capsys):
                "expert_ids": ["one", "two"], "text_encoders": {"pretrained": str(tmp_path / "te")},
                "afa": {"hidden": 16, "depth": 1, "heads": 2, "head_dim": 8},
                "train": {"batch_size": 2, "expert_dropout": 0.5}}
-    result = run_from_config("afa", afa_cfg, {"steps": 1, "quiet": True})
-    assert result.completed
+    seen = {}
+
+    def make_evaluate(built):
+        def evaluate(step):
+            seen["step"] = step
+            seen["ensemble_training"] = built["ensemble"].training
+            return {"experts": built["ensemble"].num_experts}
+        return evaluate
+
+    result = run_from_config("afa", afa_cfg, {"steps": 1, "quiet": True}, make_evaluate=make_evaluate)
+    assert result.completed and result.evaluations == [(1, {"experts": 2})]
+    assert seen == {"step": 1, "ensemble_training": False}
     assert json.load(open(tmp_path / "afa" / "final" / "afa" / "config.json"))["expert_ids"] == ["one", "two"]
 
     with pytest.raises(ValueError, match="unknown train key.*bogus"):
