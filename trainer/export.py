@@ -961,9 +961,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="run every graph in onnxruntime-node against PyTorch (auto: when node is there)")
     args = parser.parse_args(argv)
     check: Check = {"auto": "auto", "require": True, "off": False}[args.check]
-    torch.set_grad_enabled(False)
     try:
-        result = package_from_spec(args.spec, args.out, fp16=args.fp16, check=check)
+        with torch.no_grad():
+            result = package_from_spec(args.spec, args.out, fp16=args.fp16, check=check)
     except (ExportError, ManifestError) as e:
         print(f"export failed: {e}", file=sys.stderr)
         return 1
