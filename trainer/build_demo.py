@@ -314,21 +314,30 @@ class DemoBuild:
         dev = self.device
         e = self.r["eval"]
         vae = self.vae()
-        hidden = text_encoder(tokenizer(list(captions)).to(dev))[0].float()
-        uncond = text_encoder(tokenizer([""]).to(dev))[0].float()
+        hidden, pooled = (t.float() for t in text_encoder(tokenizer(list(captions)).to(dev)))
+        uncond, uncond_pooled = (t.float() for t in text_encoder(tokenizer([""]).to(dev)))
         unet = model.unets[0] if ensemble else model
         side = shapes.IMAGE_SIZE // vae.config.downsample_factor
+        batch = len(captions)
+        # the sampler runs the guided batch as [uncond; cond]: pooled text must follow the same order
+        guided_pooled = torch.cat([uncond_pooled.expand(batch, -1), pooled])
+
+        def class_labels(rows: int):
+            if unet.class_embedding is None:
+                return None
+            return guided_pooled if rows == 2 * batch else pooled
+
         if ensemble:
             n = model.num_experts
             hidden = hidden[None].expand(n, -1, -1, -1)
             uncond = uncond[None].expand(n, -1, -1, -1)
 
             def denoiser(x, t, text):
-                out, weights = model(x.to(dev), t.to(dev), text)
+                out, weights = model(x.to(dev), t.to(dev), text, class_labels=class_labels(x.shape[0]))
                 return out.float().cpu(), contribution_map([w.float() for w in weights], x.shape[-2:]).cpu()
         else:
             def denoiser(x, t, text):
-                return model(x.to(dev), t.to(dev), text).float().cpu()
+                return model(x.to(dev), t.to(dev), text, None, class_labels(x.shape[0])).float().cpu()
 
         result = sample(denoiser, hidden, uncond, latent_shape=[len(captions), unet.config.in_channels, side, side],
                         seed=seed, steps=e["steps"], guidance=e["guidance"], scheduler="ddim",
@@ -536,7 +545,10 @@ class DemoBuild:
         te_config = TextEncoderConfig(vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id,
                                       pad_token_id=tok.eos_token_id, **self.r["text_encoder"])
         text_encoder = CLIPTextEncoder(te_config)
-        unet = UNet2DConditionModel(UNetConfig(**self.r["unet"], cross_attention_dim=te_config.hidden_size))
+        unet_config = dict(self.r["unet"], cross_attention_dim=te_config.hidden_size)
+        if unet_config.get("class_embed_type") == "projection":
+            unet_config["projection_class_embeddings_input_dim"] = te_config.hidden_size
+        unet = UNet2DConditionModel(UNetConfig(**unet_config))
         eval_all = self.eval_batch(None, self.r["eval"]["n"])
 
         def evaluate(step: int) -> Dict[str, Any]:

@@ -14,8 +14,10 @@ Why these choices (see ARCHITECTURE.md, "Small models on this CPU"):
 - Sizes fit the issue's 60 MB package (fp16): a package holds every U-Net twice (each expert
   graph, and inside the fused AFA graph), so a U-Net is ≈ 3.8 M parameters and the aggregator
   (13 points, hidden 64, depth 1) ≈ 2.5 M.
-- The engine feeds U-Nets `sample`, `timestep` and `encoder_hidden_states` only, so the U-Net gets
-  no cross-attention padding mask and no pooled-text class embedding (both need engine inputs).
+- The pooled text embedding is added to the timestep embedding (`class_labels`, which the engine
+  feeds). The U-Nets' cross-attention does not mask padding: trainer.train's AFA loop passes no
+  `encoder_attention_mask` to the experts, so experts trained with it would see different inputs
+  there. The text encoder masks its own padding, so padding tokens only carry the caption.
 """
 from __future__ import annotations
 
@@ -66,6 +68,8 @@ _FULL: Dict[str, Any] = {
         "block_out_channels": [48, 96, 96], "layers_per_block": 1,
         "down_block_types": [_DOWN, _CROSS_DOWN, _CROSS_DOWN], "up_block_types": [_CROSS_UP, _CROSS_UP, _UP],
         "attention_head_dim": 4, "norm_num_groups": 16,
+        # the pooled text embedding (the engine feeds it as `class_labels`) joins the time embedding
+        "class_embed_type": "projection",
     },
     "scheduler": SCHEDULER_CONFIG,
     "diffusion": {"snr_weighting": "capped", "snr_gamma": 5.0, "caption_dropout": 0.1},
