@@ -2,6 +2,7 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { commands } from '../../commands/index.ts';
 import { startBot, type RunningBot } from '../../src/bot/bot.ts';
 import { loadConfig, type BotConfig } from '../../src/bot/config.ts';
@@ -10,14 +11,18 @@ import type { JobRecord } from '../../src/store/job-store.ts';
 import { parseParameters, readPngText } from '../../src/engine/render/index.ts';
 import { FakeDiscord, type FakeInteraction, type FakeMessage, type FakeUser, type OptionValue } from './fake-discord.ts';
 import { ProceduralTestEngine } from './procedural-engine.ts';
+import { startEngineWorker } from '../../src/worker/engine-worker.ts';
 
 /**
- * The engine every end-to-end bot test runs on. To run them on the real engine, return
- * `startEngineWorker({ modelDir: 'test/fixtures/tiny' })` from src/worker/engine-worker.ts here.
+ * The engine every end-to-end bot test runs on: the real engine (worker thread) on the fixture
+ * package. BOT_TEST_ENGINE=procedural swaps in the procedural test double (no models, faster).
  */
 export async function createTestEngine(): Promise<EngineClient> {
-  return new ProceduralTestEngine({ stepDelayMs: 15 });
+  if (process.env.BOT_TEST_ENGINE === 'procedural') return new ProceduralTestEngine({ stepDelayMs: 15 });
+  return startEngineWorker({ modelDir: FIXTURE_PACKAGE });
 }
+
+export const FIXTURE_PACKAGE = fileURLToPath(new URL('../fixtures/tiny', import.meta.url));
 
 export interface HarnessOptions {
   /** Extra environment (as in .env) on top of what points the bot at the fake. */
