@@ -8,7 +8,7 @@ export interface BotConfig {
   /** Base of a Discord-compatible API (discord.js `rest.api`), e.g. http://127.0.0.1:3000/api. */
   apiUrl?: string;
   modelDir: string;
-  executionProvider: string;
+  executionProvider: 'cpu' | 'cuda';
   queueConcurrency: number;
   maxJobsPerUser: number;
   queueMax: number;
@@ -74,7 +74,14 @@ const schema = z.object({
     message: 'DISCORD_API_URL must be an http(s) URL such as http://127.0.0.1:3000/api (or left empty)',
   }),
   MODEL_DIR: optionalText.transform((v) => v ?? 'models/demo'),
-  EXECUTION_PROVIDER: optionalText.transform((v) => v ?? 'cpu'),
+  EXECUTION_PROVIDER: optionalText.transform((value, ctx) => {
+    const provider = (value ?? 'cpu').toLowerCase();
+    if (provider !== 'cpu' && provider !== 'cuda') {
+      ctx.addIssue({ code: 'custom', message: `EXECUTION_PROVIDER must be cpu or cuda (got "${value}")` });
+      return z.NEVER;
+    }
+    return provider;
+  }),
   QUEUE_CONCURRENCY: integer('QUEUE_CONCURRENCY', 1, 1, 64),
   MAX_JOBS_PER_USER: integer('MAX_JOBS_PER_USER', 2, 1, 1000),
   QUEUE_MAX: integer('QUEUE_MAX', 50, 1, 100_000),

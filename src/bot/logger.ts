@@ -16,7 +16,9 @@ export function createLogger(
     if (typeof value === 'string') return scrub(value);
     if (depth > 4 || value === null || typeof value !== 'object') return value;
     if (value instanceof Error) {
-      return { type: value.name, message: scrub(value.message), stack: value.stack ? scrub(value.stack) : undefined };
+      // Not pino's default serializer: discord.js errors carry request URLs that hold interaction tokens.
+      const { code, status, method } = value as Error & { code?: unknown; status?: unknown; method?: unknown };
+      return { type: value.name, message: scrub(value.message), code, status, method, stack: value.stack ? scrub(value.stack) : undefined };
     }
     if (Array.isArray(value)) return value.map((item) => scrubValue(item, depth + 1));
     return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, scrubValue(v, depth + 1)]));
