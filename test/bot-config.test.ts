@@ -2,7 +2,9 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Writable } from 'node:stream';
 import { commands } from '../commands/index.ts';
-import { ConfigError, loadConfig } from '../src/bot/config.ts';
+import { readFileSync } from 'node:fs';
+import { parse as parseDotenv } from 'dotenv';
+import { CONFIG_VARIABLES, ConfigError, loadConfig } from '../src/bot/config.ts';
 import { deployCommands } from '../src/bot/deploy-commands.ts';
 import { createLogger } from '../src/bot/logger.ts';
 import { FakeDiscord } from './support/fake-discord.ts';
@@ -127,4 +129,12 @@ test('deploy-commands registers every command for the guild when DISCORD_GUILD_I
   } finally {
     await fake.close();
   }
+});
+
+test('.env.example documents every variable and its values are valid', () => {
+  const example = parseDotenv(readFileSync(new URL('../.env.example', import.meta.url)));
+  assert.deepEqual(Object.keys(example).sort(), [...CONFIG_VARIABLES].sort());
+  const config = loadConfig({ ...example, ...BASE });
+  assert.equal(config.modelDir, 'models/demo');
+  assert.equal(config.progressIntervalMs, 3000);
 });

@@ -108,6 +108,9 @@ const schema = z.object({
   }),
 });
 
+/** Every environment variable the bot reads (documented in .env.example). */
+export const CONFIG_VARIABLES: readonly string[] = Object.keys(schema.shape);
+
 /** Validates the environment; throws ConfigError listing every problem at once. */
 export function loadConfig(env: Record<string, string | undefined> = process.env): BotConfig {
   const parsed = schema.safeParse(env);
