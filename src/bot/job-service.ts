@@ -1,7 +1,7 @@
 // Accepts jobs (store + fair queue), runs them on the engine, and reports them through their messages.
-import { randomBytes } from 'node:crypto';
+import { randomInt } from 'node:crypto';
 import type { REST } from 'discord.js';
-import { EngineError, type EngineClient, type GenerateRequest, type GenerateResult, type PackageInfo } from '../engine/api.ts';
+import { EngineError, type EngineClient, type GenerateRequest, type GenerateResult, type PackageInfo, type RgbImage } from '../engine/api.ts';
 import { FairQueue, JobAbortedError, type EnqueueResult, type FairQueueJob } from '../queue/fair-queue.ts';
 import type { JobRecord, JobResultSummary, JobStore, NewJob } from '../store/job-store.ts';
 import type { BotConfig } from './config.ts';
@@ -10,7 +10,6 @@ import { JobReporter } from './job-reporter.ts';
 import type { Logger } from './logger.ts';
 import {
   clip,
-  describeModels,
   expertTitle,
   failureMessage,
   progressMessage,
@@ -18,6 +17,7 @@ import {
   resultButtons,
   resultEmbed,
   startingMessage,
+  type OutgoingFile,
   type OutgoingMessage,
 } from './messages.ts';
 import { renderComparison, renderImages, renderPanels, renderPreview } from './result-render.ts';
@@ -54,8 +54,11 @@ interface RunOutput {
   rerunnable: boolean;
 }
 
+const JOB_ID_ALPHABET = 'abcdefghijkmnopqrstuvwxyz23456789';
+
+/** Short, unambiguous ids (they appear in /queue, /cancel and file names). */
 export function newJobId(): string {
-  return randomBytes(6).toString('base64url');
+  return Array.from({ length: 8 }, () => JOB_ID_ALPHABET[randomInt(JOB_ID_ALPHABET.length)]).join('');
 }
 
 /** Rejects with the signal's reason as soon as it aborts, even if `work` never settles. */
@@ -285,15 +288,19 @@ export class JobService {
     stage?: string,
   ): Promise<GenerateResult> {
     const job = reporter.job;
+    // The engine sends a preview with some steps only; the newest one stays on the following edits.
+    let preview: { image: RgbImage; file?: Promise<OutgoingFile> } | undefined;
     const work = this.options.engine.generate(
       { ...request, preview: true },
       {
         signal,
         onProgress: (event) => {
           this.progress.set(job.id, { step: event.step, steps: event.steps });
+          if (event.preview) preview = { image: event.preview };
+          const shown = preview;
           reporter.update(async () => {
-            const preview = event.preview ? await renderPreview(job.id, event.preview) : undefined;
-            return progressMessage(job, this.info, { step: event.step, steps: event.steps, stage }, preview);
+            if (shown) shown.file ??= renderPreview(job.id, shown.image);
+            return progressMessage(job, this.info, { step: event.step, steps: event.steps, stage }, shown ? await shown.file : undefined);
           });
         },
       },
@@ -372,7 +379,8 @@ export class JobService {
       request: { ...common, experts: [id] },
     }));
     if (base.mode !== 'single') {
-      plan.push({ label: describeModels(base, info), request: { ...base, count: 1, contributions: false } });
+      const label = base.mode === 'afa' ? (ensemble?.title ?? base.ensemble ?? 'AFA') : base.mode === 'average' ? 'Average' : 'Merge';
+      plan.push({ label, request: { ...base, count: 1, contributions: false } });
     }
     const runs: { label: string; result: GenerateResult }[] = [];
     for (const [i, entry] of plan.entries()) {

@@ -130,7 +130,6 @@ export function resultEmbed(
   const embed = new EmbedBuilder()
     .setColor(0x57f287)
     .setTitle(clip(details.title ?? params.prompt, 256))
-    .setDescription(clip(params.prompt, 4000))
     .setImage(`attachment://${details.imageFile}`)
     .addFields(
       { name: 'Seed', value: details.seeds.join(', '), inline: true },
@@ -142,6 +141,8 @@ export function resultEmbed(
       { name: 'Models', value: clip(describeModels(params, info), 1024), inline: false },
     )
     .setFooter({ text: clip(`job ${job.id} · ${params.model} · ${params.width}×${params.height}`, 2048) });
+  // The title holds 256 characters; longer prompts are shown whole below it.
+  if (details.title !== undefined || params.prompt.length > 256) embed.setDescription(clip(params.prompt, 4000));
   if (params.negative) embed.addFields({ name: 'Negative', value: clip(params.negative, 1024) });
   const notes = [...(details.warnings ?? [])];
   if (params.truncatedWords.length > 0) notes.push(`Prompt cut at 75 tokens; dropped: ${params.truncatedWords.join(' ')}`);
