@@ -226,7 +226,7 @@ def train_classifier(
         opt.step()
         sched.step()
         step += 1
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if log and (step % 100 == 0 or step == steps):
             log(f"classifier step {step}/{steps} loss {np.mean(losses[-100:]):.4f}")
         if checkpoint_path and time.monotonic() - last_save > checkpoint_every_s:
