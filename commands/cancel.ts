@@ -1,9 +1,11 @@
-import { MessageFlags, PermissionFlagsBits, SlashCommandBuilder, type AutocompleteInteraction, type ChatInputCommandInteraction } from 'discord.js';
+import { MessageFlags, PermissionFlagsBits, InteractionContextType, SlashCommandBuilder, type AutocompleteInteraction, type ChatInputCommandInteraction } from 'discord.js';
 import type { BotContext, SlashCommand } from '../src/bot/context.ts';
 import { clip } from '../src/bot/messages.ts';
 
 const data = new SlashCommandBuilder()
   .setName('cancel')
+  // Server channels only: results, reactions and fallbacks are channel messages.
+  .setContexts(InteractionContextType.Guild)
   .setDescription('Cancel your queued or running job')
   .addStringOption((o) => o.setName('job').setDescription('Which job (default: your latest)').setAutocomplete(true).setMaxLength(40));
 

@@ -1,4 +1,4 @@
-import { MessageFlags, SlashCommandBuilder, type AutocompleteInteraction, type ChatInputCommandInteraction } from 'discord.js';
+import { MessageFlags, InteractionContextType, SlashCommandBuilder, type AutocompleteInteraction, type ChatInputCommandInteraction } from 'discord.js';
 import { MODES, SCHEDULER_NAMES } from '../src/engine/api.ts';
 import { channelAllowed, channelRefusal, type BotContext, type SlashCommand } from '../src/bot/context.ts';
 import { buildImagineRequest, LIMITS } from '../src/bot/imagine-request.ts';
@@ -15,6 +15,8 @@ const SCHEDULER_LABELS: Record<string, string> = { ddim: 'DDIM', euler: 'Euler',
 
 const data = new SlashCommandBuilder()
   .setName('imagine')
+  // Server channels only: results, reactions and fallbacks are channel messages.
+  .setContexts(InteractionContextType.Guild)
   .setDescription('Draw a picture with one model or an ensemble of models')
   .addStringOption((o) =>
     o.setName('prompt').setDescription('What to draw').setRequired(true).setMinLength(1).setMaxLength(LIMITS.promptMaxLength),

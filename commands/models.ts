@@ -1,9 +1,13 @@
-import { EmbedBuilder, MessageFlags, SlashCommandBuilder, type ChatInputCommandInteraction } from 'discord.js';
+import { EmbedBuilder, MessageFlags, InteractionContextType, SlashCommandBuilder, type ChatInputCommandInteraction } from 'discord.js';
 import type { PackageInfo } from '../src/engine/api.ts';
 import { clip, expertTitle } from '../src/bot/messages.ts';
 import type { BotContext, SlashCommand } from '../src/bot/context.ts';
 
-const data = new SlashCommandBuilder().setName('models').setDescription('The models and ensembles I can draw with');
+const data = new SlashCommandBuilder()
+  .setName('models')
+  // Server channels only: results, reactions and fallbacks are channel messages.
+  .setContexts(InteractionContextType.Guild)
+  .setDescription('The models and ensembles I can draw with');
 
 export function modelsEmbed(info: PackageInfo): EmbedBuilder {
   const ensembles = info.ensembles.map(

@@ -1,8 +1,12 @@
-import { MessageFlags, SlashCommandBuilder, type ChatInputCommandInteraction } from 'discord.js';
+import { MessageFlags, InteractionContextType, SlashCommandBuilder, type ChatInputCommandInteraction } from 'discord.js';
 import type { BotContext, SlashCommand } from '../src/bot/context.ts';
 import { clip } from '../src/bot/messages.ts';
 
-const data = new SlashCommandBuilder().setName('queue').setDescription('Your jobs and the queue');
+const data = new SlashCommandBuilder()
+  .setName('queue')
+  // Server channels only: results, reactions and fallbacks are channel messages.
+  .setContexts(InteractionContextType.Guild)
+  .setDescription('Your jobs and the queue');
 
 async function execute(interaction: ChatInputCommandInteraction, ctx: BotContext): Promise<void> {
   const view = ctx.jobs.viewFor(interaction.user.id);

@@ -121,6 +121,7 @@ test('deploy-commands registers every command for the guild when DISCORD_GUILD_I
     );
     assert.equal(imagine.options.find((o) => o.name === 'model')?.autocomplete, true);
     assert.equal(imagine.options.find((o) => o.name === 'scheduler')?.choices?.length, 4);
+    assert.ok(registered.every((c) => JSON.stringify(c.contexts) === '[0]'), 'server channels only');
     assert.equal(fake.requestsTo('PUT', /^\/applications\/\d+\/guilds\/\d+\/commands$/)[0].auth, `Bot ${fake.token}`);
 
     const global = await deployCommands(config);

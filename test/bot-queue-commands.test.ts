@@ -88,3 +88,26 @@ test('a job that exceeds JOB_TIMEOUT_SECONDS fails with a message and the queue 
     await h.close();
   }
 });
+
+test('a 🔁 reaction over the per-user limit is answered in the channel instead of starting a job', async () => {
+  let gated!: GatedEngine;
+  const h = await BotHarness.start({
+    env: { MAX_JOBS_PER_USER: '2', QUEUE_CONCURRENCY: '1' },
+    engine: async () => (gated = new GatedEngine(await createTestEngine(), { open: true })),
+  });
+  try {
+    const original = await h.result(h.imagine(h.fake.user('artist'), { prompt: 'worth a rerun' }));
+    gated.close();
+    const fan = h.fake.user('fan');
+    h.imagine(fan, { prompt: 'mine one' });
+    h.imagine(fan, { prompt: 'mine two' });
+    await h.fake.waitFor(() => h.bot.jobs.queue.activeCountOf(fan.id) === 2, 5000, 'fan at the limit');
+    h.fake.react(original.id, '🔁', fan);
+    const answer = await h.fake.waitFor(() => h.fake.channelMessages().find((m) => m.replyTo === original.id), 5000, 'channel answer');
+    assert.match(answer.content, new RegExp(`<@${fan.id}>.*limit is 2`));
+    assert.equal(h.bot.store.recentOfUser(fan.id).length, 2, 'no third job');
+    gated.open();
+  } finally {
+    await h.close();
+  }
+});
