@@ -1,12 +1,14 @@
 // End to end through the real discord.js client and the fake Discord: /imagine, progress, results.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { BotHarness, embedField, PNG_SIGNATURE, pngParameters } from './support/bot-harness.ts';
+import { BotHarness, createTestEngine, embedField, PNG_SIGNATURE, pngParameters } from './support/bot-harness.ts';
+import { SlowMotionEngine } from './support/engine-wrappers.ts';
 
 let h: BotHarness;
 
 before(async () => {
-  h = await BotHarness.start({ env: { PROGRESS_INTERVAL_MS: '250' } });
+  // 24 steps take about a second whatever the engine's speed, so several progress edits are due.
+  h = await BotHarness.start({ env: { PROGRESS_INTERVAL_MS: '250' }, engine: async () => new SlowMotionEngine(await createTestEngine(), 40) });
 });
 after(async () => {
   await h.close();
@@ -23,7 +25,11 @@ test('/imagine is deferred at once, shows its queue position and progress, and e
   const texts = message.history.map((state) => state.content);
   assert.ok(texts.some((t) => /Queued|Drawing/.test(t)), `status shown before the result: ${texts.join(' | ')}`);
   const progress = texts.filter((t) => /step \d+\/24/.test(t));
-  assert.ok(progress.length >= 1, 'at least one progress edit');
+  assert.ok(progress.length >= 2, `several progress edits: ${progress.length}`);
+  assert.ok(
+    message.history.some((state) => /step/.test(state.content) && state.attachments.some((name) => name.endsWith('-preview.png'))),
+    'progress shows a preview image',
+  );
   // Edits are throttled: consecutive progress edits are at least ~the interval apart.
   const progressTimes = message.history.filter((s) => /step \d+\/24/.test(s.content)).map((s) => s.at);
   for (let i = 1; i < progressTimes.length; i++) assert.ok(progressTimes[i] - progressTimes[i - 1] >= 200);

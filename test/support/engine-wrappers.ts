@@ -81,3 +81,42 @@ export class RejectingEngine implements EngineClient {
     return this.base.dispose();
   }
 }
+
+/**
+ * Replays the engine's progress events at a fixed pace (and returns the result after the last one),
+ * so tests of progress reporting see the same timeline whatever the speed of the engine underneath.
+ */
+export class SlowMotionEngine implements EngineClient {
+  constructor(
+    readonly base: EngineClient,
+    private readonly stepMs: number,
+  ) {}
+
+  info(): Promise<PackageInfo> {
+    return this.base.info();
+  }
+
+  async generate(request: GenerateRequest, options: GenerateOptions = {}): Promise<GenerateResult> {
+    const events: ProgressEvent[] = [];
+    const result = await this.base.generate(request, { signal: options.signal, onProgress: (event) => events.push(event) });
+    for (const event of events) {
+      await new Promise<void>((resolve, reject) => {
+        const timer = setTimeout(resolve, this.stepMs);
+        options.signal?.addEventListener(
+          'abort',
+          () => {
+            clearTimeout(timer);
+            reject(new EngineError('cancelled', 'Generation cancelled.'));
+          },
+          { once: true },
+        );
+      });
+      options.onProgress?.(event);
+    }
+    return result;
+  }
+
+  dispose(): Promise<void> {
+    return this.base.dispose();
+  }
+}
