@@ -70,14 +70,14 @@ test('per-user limit and queue cap refuse clearly; /queue shows positions; /canc
 test('a job that exceeds JOB_TIMEOUT_SECONDS fails with a message and the queue goes on', async () => {
   let gated!: GatedEngine;
   const h = await BotHarness.start({
-    env: { JOB_TIMEOUT_SECONDS: '1', QUEUE_CONCURRENCY: '1' },
+    env: { JOB_TIMEOUT_SECONDS: '3', QUEUE_CONCURRENCY: '1' },
     // The engine ignores the abort signal: the queue must not wait for it.
     engine: async () => (gated = new GatedEngine(await createTestEngine(), { ignoreAbort: true })),
   });
   try {
     const stuck = h.imagine(h.fake.user('patient'), { prompt: 'never ends' });
     const next = h.imagine(h.fake.user('next'), { prompt: 'after the stuck one' });
-    await stuck.waitFor((i) => /took too long/.test(lastContent(i)), 5000, 'timeout message');
+    await stuck.waitFor((i) => /took too long/.test(lastContent(i)), 15_000, 'timeout message');
     const job = await h.job(stuck.originalMessageId!);
     assert.equal(job?.status, 'failed');
     assert.match(job?.error ?? '', /Timed out/);

@@ -132,15 +132,9 @@ export class JobMessenger {
           } else if (this.usesInteraction) {
             this.moveToChannel('transient');
             failuresOnRoute = 0;
-          } else if (this.job.statusMessageId) {
-            // Editing the channel status message keeps failing: post a new message instead.
-            this.forgetStatusMessage();
-            failuresOnRoute = 0;
           } else {
             break;
           }
-        } else if (!this.usesInteraction && this.job.statusMessageId) {
-          this.forgetStatusMessage();
         } else {
           break;
         }
@@ -221,17 +215,17 @@ export class JobMessenger {
       this.rememberStatusMessage(sent.id);
       return sent.id;
     }
-    if (this.job.statusMessageId) {
-      const userMention = `<@${this.job.userId}>`;
-      if (!body.content.includes(userMention)) body.content = `${userMention} ${body.content}`;
-      const sent = (await this.options.rest.patch(Routes.channelMessage(this.job.channelId, this.job.statusMessageId), {
-        body,
-        files,
-      })) as { id: string };
-      return sent.id;
-    }
     const userMention = `<@${this.job.userId}>`;
     if (!body.content.includes(userMention)) body.content = `${userMention} ${body.content}`;
+    const previousStatus = this.job.statusMessageId;
+    if (previousStatus && !final) {
+      const sent = (await this.options.rest.patch(Routes.channelMessage(this.job.channelId, previousStatus), { body, files })) as {
+        id: string;
+      };
+      return sent.id;
+    }
+    // A final result in the channel is a new message (edits do not notify the requester); the status
+    // message it replaces is removed.
     const mentions = new Set(body.allowed_mentions.users);
     if (final) mentions.add(this.job.userId);
     const sent = (await this.options.rest.post(Routes.channelMessages(this.job.channelId), {
@@ -243,6 +237,11 @@ export class JobMessenger {
       files,
     })) as { id: string };
     this.rememberStatusMessage(sent.id);
+    if (previousStatus) {
+      await this.options.rest
+        .delete(Routes.channelMessage(this.job.channelId, previousStatus))
+        .catch((error: unknown) => this.options.logger.debug({ job: this.job.id, err: error }, 'could not remove the status message'));
+    }
     return sent.id;
   }
 

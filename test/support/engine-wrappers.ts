@@ -50,6 +50,8 @@ export class GatedEngine implements EngineClient {
     } finally {
       this.waiting--;
     }
+    // An engine that noticed the abort late still gives up before doing the work.
+    if (options.signal?.aborted) throw new EngineError('cancelled', 'Generation cancelled.');
     this.started++;
     return this.base.generate(request, options);
   }
