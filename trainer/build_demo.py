@@ -736,6 +736,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--run-dir", help="state folder (default trainer/runs/demo, or demo-smoke with --smoke)")
     parser.add_argument("--out", help="package folder (default models/demo; with --smoke <run-dir>/package)")
     parser.add_argument("--time-scale", type=float, default=1.0, help="multiply every stage's time budget")
+    parser.add_argument("--minutes", action="append", default=[], metavar="STAGE=MIN",
+                        help="set one stage's total time budget (classifier, vae, base, expert, afa); repeatable")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--bundle", help="afterwards, write the finished products to this tar (float16 weights)")
     parser.add_argument("--unbundle", help="first, unpack a bundle into the run folder")
@@ -745,6 +747,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
     recipe = demo_config.recipe(args.device, args.smoke, args.time_scale)
+    for item in args.minutes:
+        key, _, value = item.partition("=")
+        if key not in ("classifier", "vae", "base", "expert", "afa") or not value:
+            parser.error(f"--minutes takes STAGE=MIN with STAGE one of classifier, vae, base, expert, afa (got {item!r})")
+        recipe[key]["minutes"] = float(value)
     run_dir = args.run_dir or os.path.join(REPO_ROOT, "trainer", "runs", "demo-smoke" if args.smoke else "demo")
     out = args.out or (os.path.join(run_dir, "package") if args.smoke else os.path.join(REPO_ROOT, "models", "demo"))
     build = DemoBuild(recipe, run_dir, out)
