@@ -1,6 +1,6 @@
 // `npm start`: reads .env, validates the configuration, starts the engine worker and the bot.
 import { config as loadDotenv } from 'dotenv';
-import { startEngineWorker } from '../worker/engine-worker.ts';
+import { startSupervisedEngine } from '../worker/supervised-engine.ts';
 import { startBot } from './bot.ts';
 import { ConfigError, loadConfig, type BotConfig } from './config.ts';
 import { createLogger } from './logger.ts';
@@ -23,7 +23,7 @@ async function main(): Promise<void> {
   const bot = await startBot({
     config,
     logger,
-    engineFactory: (c) => startEngineWorker({ modelDir: c.modelDir, executionProvider: c.executionProvider }),
+    engineFactory: (c) => startSupervisedEngine({ modelDir: c.modelDir, executionProvider: c.executionProvider, warmUp: true }),
   });
 
   let stopping = false;

@@ -113,7 +113,10 @@ export interface PackageInfo {
   ensembles: EnsembleInfo[];
   defaults: { steps: number; guidance: number; scheduler: SchedulerName; width: number; height: number };
   size: { min: number; max: number; multiple: number };
+  limits?: { maxSteps: number; maxCount: number };
   display?: { width: number; height: number };
+  /** Expert id → architecture tag; experts with equal tags can be merged (absent: unknown). */
+  architectures?: Record<string, string | undefined>;
   executionProvider: string;
 }
 
@@ -126,6 +129,8 @@ export class EngineError extends Error {
       | 'bad_package'
       | 'cancelled'
       | 'timeout'
+      /** The engine process or thread died; the job may be retried on a fresh one. */
+      | 'unavailable'
       | 'internal',
     message: string,
   ) {

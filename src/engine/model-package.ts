@@ -49,7 +49,9 @@ export class ModelPackage {
       })),
       defaults: { ...m.defaults, scheduler: m.defaults.scheduler as SchedulerName },
       size: { ...m.size, multiple: m.latent.downsample },
+      limits: { ...m.limits },
       display: m.display,
+      architectures: Object.fromEntries(m.experts.map((e) => [e.id, e.architecture])),
       executionProvider: this.options.executionProvider,
     };
   }

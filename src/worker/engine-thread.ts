@@ -34,7 +34,18 @@ try {
 }
 
 let chain: Promise<void> = Promise.resolve();
+let busy = false;
+let exitCode: number | undefined;
+const exitIfAsked = () => {
+  if (exitCode !== undefined) process.exit(exitCode);
+};
 port.on('message', (message: ToThread) => {
+  if (message.type === 'exit') {
+    // never inside a native session.run: exit now if idle, else at the next step boundary
+    exitCode = message.code;
+    if (!busy) exitIfAsked();
+    return;
+  }
   if (message.type === 'dispose') {
     chain = chain.then(async () => {
       await engine.dispose();
@@ -45,14 +56,21 @@ port.on('message', (message: ToThread) => {
   const { id, request, cancel } = message;
   const flag = new Int32Array(cancel);
   chain = chain.then(async () => {
+    busy = true;
     try {
       const result = await engine.generate(request, {
-        isCancelled: () => Atomics.load(flag, 0) !== 0,
+        isCancelled: () => {
+          exitIfAsked();
+          return Atomics.load(flag, 0) !== 0;
+        },
         onProgress: (event) => send({ type: 'progress', id, event }),
       });
       send({ type: 'result', id, result }, transferables(result));
     } catch (err) {
       send({ type: 'error', id, error: serialize(err) });
+    } finally {
+      busy = false;
+      exitIfAsked();
     }
   });
 });

@@ -47,10 +47,10 @@ export class EngineWorker implements EngineClient {
     private readonly packageInfo: PackageInfo,
   ) {
     worker.on('message', (m: FromThread) => this.onMessage(m));
-    worker.on('error', (err) => this.failAll(`The engine crashed: ${err.message}`));
+    worker.on('error', (err) => this.failAll(`The engine crashed: ${err.message}`, 'unavailable'));
     worker.on('exit', (code) => {
       this.exited = true;
-      this.failAll(`The engine stopped unexpectedly (exit code ${code}); the job was not finished.`);
+      this.failAll(`The engine stopped unexpectedly (exit code ${code}); the job was not finished.`, 'unavailable');
     });
   }
 
@@ -82,7 +82,7 @@ export class EngineWorker implements EngineClient {
     request: GenerateRequest,
     options: { signal?: AbortSignal; onProgress?: (event: ProgressEvent) => void } = {},
   ): Promise<GenerateResult> {
-    if (this.exited) return Promise.reject(new EngineError('internal', 'The engine is not running.'));
+    if (this.exited) return Promise.reject(new EngineError('unavailable', 'The engine is not running.'));
     if (options.signal?.aborted) return Promise.reject(new EngineError('cancelled', 'The generation was cancelled.'));
     const id = this.nextId++;
     const cancel = new SharedArrayBuffer(4);
@@ -140,11 +140,25 @@ export class EngineWorker implements EngineClient {
     }
   }
 
-  private failAll(message: string): void {
+  /** True once the thread has exited (crashed, killed or disposed). */
+  get stopped(): boolean {
+    return this.exited;
+  }
+
+  /**
+   * Ends the thread abruptly at its next safe point (between denoising steps), as a crash would:
+   * pending jobs fail with code 'unavailable'. (Terminating a thread inside onnxruntime's native
+   * session.run aborts the whole process, so this never does that.)
+   */
+  crash(code = 70): void {
+    this.post({ type: 'exit', code });
+  }
+
+  private failAll(message: string, code: EngineError['code'] = 'internal'): void {
     for (const [id, p] of this.pending) {
       this.pending.delete(id);
       p.cleanup();
-      p.reject(new EngineError('internal', message));
+      p.reject(new EngineError(code, message));
     }
   }
 }

@@ -16,7 +16,9 @@ export interface SerializedError {
 
 export type ToThread =
   | { type: 'generate'; id: number; request: GenerateRequest; cancel: SharedArrayBuffer }
-  | { type: 'dispose' };
+  | { type: 'dispose' }
+  /** End the thread abruptly at its next safe point (between steps), as a crash would. */
+  | { type: 'exit'; code: number };
 
 export type FromThread =
   | { type: 'ready'; info: PackageInfo }
