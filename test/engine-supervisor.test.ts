@@ -46,3 +46,26 @@ test('a job that kills its engine every time fails with a clear message', async 
     await engine.dispose();
   }
 });
+
+test('an engine pool runs jobs on several threads at once', async () => {
+  const { startEnginePool, EnginePool } = await import('../src/worker/engine-pool.ts');
+  const pool = await startEnginePool({ modelDir: TINY }, 2);
+  try {
+    assert.ok(pool instanceof EnginePool && pool.size === 2);
+    const running = new Set<number>();
+    let overlap = false;
+    const job = (seed: number) =>
+      pool.generate({ ...request, seed, steps: 15 }, {
+        onProgress: (e) => {
+          if (e.step === 1) running.add(seed);
+          if (running.size === 2) overlap = true;
+          if (e.step === e.steps) running.delete(seed);
+        },
+      });
+    const [a, b] = await Promise.all([job(1), job(2)]);
+    assert.ok(overlap, 'both jobs were in progress at the same time');
+    assert.deepEqual([a.images[0].seed, b.images[0].seed], [1, 2]);
+  } finally {
+    await pool.dispose();
+  }
+});

@@ -1,6 +1,6 @@
 // `npm start`: reads .env, validates the configuration, starts the engine worker and the bot.
 import { config as loadDotenv } from 'dotenv';
-import { startSupervisedEngine } from '../worker/supervised-engine.ts';
+import { startEnginePool } from '../worker/engine-pool.ts';
 import { startBot } from './bot.ts';
 import { ConfigError, loadConfig, type BotConfig } from './config.ts';
 import { createLogger } from './logger.ts';
@@ -23,7 +23,7 @@ async function main(): Promise<void> {
   const bot = await startBot({
     config,
     logger,
-    engineFactory: (c) => startSupervisedEngine({ modelDir: c.modelDir, executionProvider: c.executionProvider, warmUp: true }),
+    engineFactory: (c) => startEnginePool({ modelDir: c.modelDir, executionProvider: c.executionProvider, warmUp: true }, c.queueConcurrency),
   });
 
   let stopping = false;
