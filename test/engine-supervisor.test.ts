@@ -52,18 +52,19 @@ test('an engine pool runs jobs on several threads at once', async () => {
   const pool = await startEnginePool({ modelDir: TINY }, 2);
   try {
     assert.ok(pool instanceof EnginePool && pool.size === 2);
-    const running = new Set<number>();
-    let overlap = false;
+    const spans = new Map<number, { first: number; last: number }>();
     const job = (seed: number) =>
-      pool.generate({ ...request, seed, steps: 15 }, {
-        onProgress: (e) => {
-          if (e.step === 1) running.add(seed);
-          if (running.size === 2) overlap = true;
-          if (e.step === e.steps) running.delete(seed);
+      pool.generate({ ...request, seed, steps: 50, count: 4 }, {
+        onProgress: () => {
+          const now = performance.now();
+          const span = spans.get(seed) ?? { first: now, last: now };
+          span.last = now;
+          spans.set(seed, span);
         },
       });
     const [a, b] = await Promise.all([job(1), job(2)]);
-    assert.ok(overlap, 'both jobs were in progress at the same time');
+    const [s1, s2] = [spans.get(1)!, spans.get(2)!];
+    assert.ok(Math.max(s1.first, s2.first) < Math.min(s1.last, s2.last), 'both jobs were in progress at the same time');
     assert.deepEqual([a.images[0].seed, b.images[0].seed], [1, 2]);
   } finally {
     await pool.dispose();
