@@ -1,8 +1,10 @@
-// Starts the bot: store, engine, discord.js client, handlers; restores unfinished jobs once connected.
+// Starts the bot: store, engine (in-process, or GPU workers through Redis), discord.js client, handlers;
+// restores unfinished jobs once connected.
 import path from 'node:path';
 import { Events, type Client } from 'discord.js';
 import { commands } from '../../commands/index.ts';
 import type { EngineClient, PackageInfo } from '../engine/api.ts';
+import { RemoteEngineClient } from '../distributed/remote-engine.ts';
 import { JobStore } from '../store/job-store.ts';
 import { createDiscordClient } from './client.ts';
 import type { BotConfig } from './config.ts';
@@ -16,7 +18,10 @@ export type EngineFactory = (config: BotConfig) => Promise<EngineClient>;
 
 export interface BotOptions {
   config: BotConfig;
-  /** Starts the engine (the worker thread in production; a test double or the fixture in tests). */
+  /**
+   * Starts the embedded engine (the worker thread in production; a test double or the fixture in
+   * tests). Not used with QUEUE_BACKEND=redis: then GPU workers run the jobs and the bot loads no model.
+   */
   engineFactory: EngineFactory;
   logger?: Logger;
   /** Delivery tuning (tests shorten the retry delays). */
@@ -43,7 +48,10 @@ export async function startBot(options: BotOptions): Promise<RunningBot> {
   let engine: EngineClient | undefined;
   let client: Client | undefined;
   try {
-    engine = await options.engineFactory(config);
+    engine =
+      config.queueBackend === 'redis'
+        ? await RemoteEngineClient.connect({ redisUrl: config.redisUrl!, owner: config.applicationId, logger })
+        : await options.engineFactory(config);
     const info = await engine.info();
     logger.info(
       { package: `${info.name}@${info.version}`, experts: info.experts.length, ensembles: info.ensembles.length, ep: info.executionProvider },

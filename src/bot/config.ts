@@ -9,6 +9,13 @@ export interface BotConfig {
   apiUrl?: string;
   modelDir: string;
   executionProvider: 'cpu' | 'cuda';
+  /**
+   * memory (or absent): the engine runs in this process (worker thread); redis: GPU workers take the
+   * jobs through BullMQ on `redisUrl`.
+   */
+  queueBackend?: 'memory' | 'redis';
+  redisUrl?: string;
+  /** Embedded: engine threads. Redis: jobs dispatched to the GPU workers at once (their number). */
   queueConcurrency: number;
   maxJobsPerUser: number;
   queueMax: number;
@@ -82,6 +89,17 @@ const schema = z.object({
     }
     return provider;
   }),
+  QUEUE_BACKEND: optionalText.transform((value, ctx) => {
+    const backend = (value ?? 'memory').toLowerCase();
+    if (backend !== 'memory' && backend !== 'redis') {
+      ctx.addIssue({ code: 'custom', message: `QUEUE_BACKEND must be memory or redis (got "${value}")` });
+      return z.NEVER;
+    }
+    return backend;
+  }),
+  REDIS_URL: optionalText.refine((v) => v === undefined || /^rediss?:\/\/\S+$/.test(v), {
+    message: 'REDIS_URL must be a redis:// (or rediss://) URL such as redis://127.0.0.1:6379',
+  }),
   QUEUE_CONCURRENCY: integer('QUEUE_CONCURRENCY', 1, 1, 64),
   MAX_JOBS_PER_USER: integer('MAX_JOBS_PER_USER', 2, 1, 1000),
   QUEUE_MAX: integer('QUEUE_MAX', 50, 1, 100_000),
@@ -108,12 +126,18 @@ const schema = z.object({
   }),
 });
 
+const checked = schema.superRefine((v, ctx) => {
+  if (v.QUEUE_BACKEND === 'redis' && v.REDIS_URL === undefined) {
+    ctx.addIssue({ code: 'custom', message: 'REDIS_URL is missing: QUEUE_BACKEND=redis needs the Redis that the GPU workers use, e.g. redis://127.0.0.1:6379' });
+  }
+});
+
 /** Every environment variable the bot reads (documented in .env.example). */
 export const CONFIG_VARIABLES: readonly string[] = Object.keys(schema.shape);
 
 /** Validates the environment; throws ConfigError listing every problem at once. */
 export function loadConfig(env: Record<string, string | undefined> = process.env): BotConfig {
-  const parsed = schema.safeParse(env);
+  const parsed = checked.safeParse(env);
   if (!parsed.success) {
     throw new ConfigError(parsed.error.issues.map((issue) => issue.message));
   }
@@ -125,6 +149,7 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
     apiUrl: v.DISCORD_API_URL?.replace(/\/+$/, ''),
     modelDir: v.MODEL_DIR,
     executionProvider: v.EXECUTION_PROVIDER,
+    ...(v.QUEUE_BACKEND === 'redis' ? { queueBackend: 'redis' as const, redisUrl: v.REDIS_URL } : {}),
     queueConcurrency: v.QUEUE_CONCURRENCY,
     maxJobsPerUser: v.MAX_JOBS_PER_USER,
     queueMax: v.QUEUE_MAX,

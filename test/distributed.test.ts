@@ -1,0 +1,317 @@
+// The distributed mode against a real redis-server: two GPU worker processes (`npm run worker`'s entry)
+// on the fixture package, the bot's RemoteEngineClient dispatching to them. A job stream, a worker
+// killed with SIGKILL mid-job, cancellation of waiting and running jobs, a Redis restart, a worker whose
+// package cannot load, and a job whose workers keep dying: nothing is lost, nothing completes twice.
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { rm, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { Queue, Worker } from 'bullmq';
+import { Redis } from 'ioredis';
+import { EngineError, type GenerateRequest, type GenerateResult, type PackageInfo, type ProgressEvent } from '../src/engine/api.ts';
+import { QUEUE_PREFIX, queueNameFor } from '../src/distributed/names.ts';
+import { STALLED_MESSAGE, type RemoteJobData } from '../src/distributed/protocol.ts';
+import { RemoteEngineClient } from '../src/distributed/remote-engine.ts';
+import { publishPackage } from '../src/distributed/registry.ts';
+import { startEngineWorker } from '../src/worker/engine-worker.ts';
+import { copyOfTiny, REPO_ROOT, TINY } from './helpers/fixture.ts';
+import { startRedis, type TestRedis } from './support/redis.ts';
+
+type LogLine = { msg?: string; job?: string; worker?: string; reason?: string; run?: number; problem?: string; [k: string]: unknown };
+
+const quiet = { debug() {}, info() {}, warn() {}, error() {} };
+
+function waitUntil<T>(probe: () => T | undefined | false | Promise<T | undefined | false>, timeoutMs: number, what: string): Promise<T> {
+  const started = Date.now();
+  return new Promise((resolve, reject) => {
+    const tick = async (): Promise<void> => {
+      try {
+        const value = await probe();
+        if (value) return resolve(value);
+      } catch (error) {
+        return reject(error);
+      }
+      if (Date.now() - started > timeoutMs) return reject(new Error(`timed out after ${timeoutMs} ms waiting for ${what}`));
+      setTimeout(() => void tick(), 50);
+    };
+    void tick();
+  });
+}
+
+/** A worker process, as `npm run worker` starts it; its JSON log lines are what the tests observe. */
+class WorkerProcess {
+  readonly lines: LogLine[] = [];
+  readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  private readonly listeners = new Set<() => void>();
+  private readonly child: ChildProcess;
+
+  constructor(
+    readonly id: string,
+    env: Record<string, string>,
+  ) {
+    this.child = spawn(process.execPath, ['--import', 'tsx', path.join(REPO_ROOT, 'src/worker/remote-worker.ts')], {
+      cwd: REPO_ROOT,
+      env: {
+        ...process.env,
+        WORKER_ID: id,
+        MODEL_DIR: TINY,
+        WORKER_LOCK_MS: '4000',
+        WORKER_STALLED_INTERVAL_MS: '1000',
+        WORKER_HEARTBEAT_MS: '500',
+        LOG_LEVEL: 'info',
+        ...env,
+      },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let buffered = '';
+    this.child.stdout!.on('data', (chunk: Buffer) => {
+      buffered += chunk.toString();
+      const lines = buffered.split('\n');
+      buffered = lines.pop()!;
+      for (const line of lines) {
+        try {
+          this.lines.push(JSON.parse(line) as LogLine);
+        } catch {
+          this.lines.push({ msg: line });
+        }
+      }
+      for (const listener of this.listeners) listener();
+    });
+    this.child.stderr!.on('data', (chunk: Buffer) => this.lines.push({ msg: `stderr: ${chunk.toString()}` }));
+    this.exited = new Promise((resolve) => this.child.once('exit', (code, signal) => resolve({ code, signal })));
+  }
+
+  /** Resolves with the first log line (past or future) that matches. */
+  waitFor(match: (line: LogLine) => boolean, timeoutMs: number, what: string): Promise<LogLine> {
+    return new Promise((resolve, reject) => {
+      const check = (): boolean => {
+        const found = this.lines.find(match);
+        if (!found) return false;
+        cleanup();
+        resolve(found);
+        return true;
+      };
+      const timer = setTimeout(() => {
+        cleanup();
+        reject(new Error(`worker ${this.id}: timed out waiting for ${what}; log:\n${this.lines.map((l) => JSON.stringify(l)).join('\n')}`));
+      }, timeoutMs);
+      const cleanup = (): void => {
+        clearTimeout(timer);
+        this.listeners.delete(listener);
+      };
+      const listener = (): void => void check();
+      if (!check()) this.listeners.add(listener);
+    });
+  }
+
+  ready(): Promise<LogLine> {
+    return this.waitFor((l) => l.msg === 'worker ready', 60_000, 'ready');
+  }
+
+  jobs(msg: 'job started' | 'job completed' | 'job failed'): string[] {
+    return this.lines.filter((l) => l.msg === msg).map((l) => l.job!);
+  }
+
+  kill(signal: NodeJS.Signals): void {
+    this.child.kill(signal);
+  }
+}
+
+/** A generate() call, with the progress it reported so far. */
+function track(client: RemoteEngineClient, request: GenerateRequest, signal?: AbortSignal) {
+  const progress: ProgressEvent[] = [];
+  const outcome = client.generate(request, { signal, onProgress: (e) => progress.push(e) });
+  outcome.catch(() => undefined);
+  return { progress, outcome };
+}
+
+const fast = (seed: number): GenerateRequest => ({ prompt: `stream job ${seed}`, mode: 'single', experts: ['alpha'], seed });
+/** Seconds of work on this machine: room to kill or cancel it in the middle. */
+const slow = (seed: number): GenerateRequest => ({ prompt: `slow job ${seed}`, mode: 'afa', ensemble: 'duo', seed, steps: 50, count: 4, width: 64, height: 64 });
+
+describe('distributed mode with two worker processes', () => {
+  let redis: TestRedis;
+  let client: RemoteEngineClient;
+  /** BullMQ's view of the fixture package's queue, to see where jobs are. */
+  let inspect: Queue<RemoteJobData>;
+  let w1: WorkerProcess;
+  let w2: WorkerProcess;
+  /** A worker given a package it cannot load. */
+  let broken: WorkerProcess;
+  /** The worker left after the SIGKILL test. */
+  let survivor: WorkerProcess;
+  let brokenDir: string;
+  const completedEverywhere = (): string[] => [w1, w2].flatMap((w) => w.jobs('job completed'));
+
+  before(async () => {
+    redis = await startRedis();
+    brokenDir = await copyOfTiny();
+    await writeFile(path.join(brokenDir, 'vae_decoder/model.onnx'), 'garbage');
+    w1 = new WorkerProcess('w1', { REDIS_URL: redis.url });
+    w2 = new WorkerProcess('w2', { REDIS_URL: redis.url });
+    broken = new WorkerProcess('broken', { REDIS_URL: redis.url, MODEL_DIR: brokenDir });
+    client = await RemoteEngineClient.connect({ redisUrl: redis.url, owner: 'test-bot', logger: quiet, checkIntervalMs: 1000 });
+    inspect = new Queue(queueNameFor(await client.info()), { connection: { url: redis.url, maxRetriesPerRequest: null }, prefix: QUEUE_PREFIX });
+    await Promise.all([w1.ready(), w2.ready()]);
+  });
+
+  after(async () => {
+    await client?.dispose();
+    await inspect?.close();
+    for (const w of [w1, w2, broken]) w?.kill('SIGKILL');
+    await Promise.all([w1?.exited, w2?.exited, broken?.exited]);
+    await redis?.stop();
+    if (brokenDir) await rm(brokenDir, { recursive: true, force: true });
+  });
+
+  test('the bot serves the package the workers advertise; a worker that cannot load it exits and says why', async () => {
+    const info = await client.info();
+    assert.equal(`${info.name}@${info.version}`, 'tiny@1.0.0');
+    assert.deepEqual(info.experts.map((e) => e.id), ['alpha', 'beta', 'odd']);
+
+    const { code } = await broken.exited;
+    assert.equal(code, 1, 'the broken worker exits non-zero');
+    assert.ok(broken.lines.some((l) => /could not be loaded/.test(l.msg ?? '') && /vae_decoder/.test(l.problem ?? '')));
+    assert.equal(broken.lines.filter((l) => l.msg === 'worker ready').length, 0, 'it never took jobs');
+
+    const adverts = await waitUntil(async () => {
+      const list = await client.workers();
+      return list.length === 3 && list;
+    }, 20_000, 'three adverts');
+    assert.deepEqual(adverts.map((w) => [w.id, w.package, w.healthy, w.executionProvider]), [
+      ['broken', '', false, ''],
+      ['w1', 'tiny@1.0.0', true, 'cpu'],
+      ['w2', 'tiny@1.0.0', true, 'cpu'],
+    ]);
+    assert.match(adverts[0].problem ?? '', /vae_decoder\/model\.onnx/);
+    assert.deepEqual(adverts[1].experts, ['alpha', 'beta', 'odd']);
+    assert.deepEqual(adverts[1].ensembles, ['duo']);
+  });
+
+  test('a stream of jobs is shared by both workers; every job completes once, with the same pixels as the embedded engine', async () => {
+    const jobs = Array.from({ length: 8 }, (_, i) => track(client, fast(100 + i)));
+    const results = await Promise.all(jobs.map((j) => j.outcome));
+    results.forEach((result, i) => {
+      assert.equal(result.images[0].seed, 100 + i);
+      assert.equal(result.params.model, 'tiny@1.0.0');
+      assert.equal(jobs[i].progress.at(-1)?.step, result.params.steps, 'progress reached the last step');
+    });
+    // a worker logs a completion just after the bot hears of it
+    const completed = await waitUntil(() => completedEverywhere().length >= 8 && completedEverywhere(), 10_000, '8 completions logged');
+    assert.equal(new Set(completed).size, 8, 'no job completed twice');
+    assert.ok(w1.jobs('job completed').length > 0 && w2.jobs('job completed').length > 0, 'both workers took jobs');
+
+    const embedded = await startEngineWorker({ modelDir: TINY });
+    try {
+      const request: GenerateRequest = { prompt: 'same everywhere', mode: 'afa', ensemble: 'duo', seed: 7, contributions: true, preview: true };
+      const previews: ProgressEvent[] = [];
+      const [remote, local] = await Promise.all([
+        client.generate(request, { onProgress: (e) => e.preview && previews.push(e) }),
+        embedded.generate(request),
+      ]);
+      assert.deepEqual(Buffer.from(remote.images[0].image.data), Buffer.from(local.images[0].image.data));
+      assert.deepEqual(remote.images[0].contributions!.weights, local.images[0].contributions!.weights);
+      assert.deepEqual(remote.images[0].contributions!.shares, local.images[0].contributions!.shares);
+      assert.ok(previews.length > 0, 'previews came through');
+      assert.equal(previews[0].preview!.data.length, previews[0].preview!.width * previews[0].preview!.height * 3);
+    } finally {
+      await embedded.dispose();
+    }
+  });
+
+  test('a worker killed with SIGKILL mid-job: the job runs again on the other worker and completes once', async () => {
+    const earlier = new Set(completedEverywhere());
+    const job = track(client, slow(1));
+    await waitUntil(() => job.progress.length >= 2, 60_000, 'the slow job under way');
+    const busy = (await client.workers()).find((w) => w.state === 'busy')!;
+    const victim = busy.id === 'w1' ? w1 : w2;
+    survivor = busy.id === 'w1' ? w2 : w1;
+    const jobId = busy.jobId!;
+    victim.kill('SIGKILL');
+    assert.equal((await victim.exited).signal, 'SIGKILL');
+
+    const result = await job.outcome;
+    assert.equal(result.images.length, 4);
+    await survivor.waitFor((l) => l.msg === 'job completed' && l.job === jobId, 10_000, 'the completion logged');
+    assert.ok(survivor.lines.some((l) => l.msg === 'job started' && l.job === jobId && l.run === 2), 'its second run, on the survivor');
+    assert.deepEqual(victim.jobs('job completed').filter((id) => id === jobId), []);
+    assert.deepEqual(completedEverywhere().filter((id) => !earlier.has(id)), [jobId], 'completed exactly once');
+    // The dead worker's advertisement expires with its heartbeat.
+    await waitUntil(async () => !(await client.workers()).some((w) => w.id === victim.id), 10_000, 'the advert to expire');
+  });
+
+  test('cancelling a waiting job removes it; cancelling a running job stops it at its next step', async () => {
+    const running = new AbortController();
+    const waiting = new AbortController();
+    const startedBefore = survivor.jobs('job started').length;
+    const first = track(client, slow(2), running.signal);
+    await waitUntil(() => first.progress.length >= 1, 60_000, 'the first job running');
+    const second = track(client, slow(3), waiting.signal);
+    await waitUntil(async () => (await inspect.getWaitingCount()) === 1, 10_000, 'the second job waiting in Redis');
+
+    waiting.abort();
+    await assert.rejects(second.outcome, (e: unknown) => e instanceof EngineError && e.code === 'cancelled');
+    await waitUntil(async () => (await inspect.getWaitingCount()) === 0, 10_000, 'the waiting job removed');
+
+    running.abort();
+    await assert.rejects(first.outcome, (e: unknown) => e instanceof EngineError && e.code === 'cancelled');
+    const stopped = await survivor.waitFor((l) => l.msg === 'job failed' && /cancelled/.test(l.reason ?? ''), 20_000, 'the running job to stop');
+    const lastStep = first.progress.at(-1)!.step;
+    assert.ok(lastStep < 50, `stopped before the end (step ${lastStep})`);
+
+    // The worker goes on with the next job; the cancelled waiting job never started.
+    const next = await client.generate(fast(300));
+    assert.equal(next.images.length, 1);
+    const startedSince = survivor.jobs('job started').slice(startedBefore);
+    assert.equal(startedSince.length, 2, `only the running job and the next one started: ${startedSince.join(', ')}`);
+    assert.equal(startedSince[0], stopped.job);
+  });
+
+  test('a Redis restart loses neither the running job nor the one waiting for a worker', async () => {
+    const earlier = new Set(completedEverywhere());
+    const first = track(client, slow(4));
+    await waitUntil(() => first.progress.length >= 1, 60_000, 'the first job running');
+    const second = track(client, fast(400));
+    await waitUntil(async () => (await inspect.getWaitingCount()) === 1, 10_000, 'the second job waiting in Redis');
+
+    await redis.restart();
+    const [a, b] = await Promise.all([first.outcome, second.outcome]);
+    assert.equal(a.images.length, 4);
+    assert.equal(b.images[0].seed, 400);
+    const completedSince = () => completedEverywhere().filter((id) => !earlier.has(id));
+    const completed = await waitUntil(() => completedSince().length >= 2 && completedSince(), 10_000, 'two completions logged');
+    assert.equal(new Set(completed).size, 2, 'each completed once');
+  });
+
+  test('a job whose workers keep dying runs at most three times, then fails with a clear message', async () => {
+    // Workers that take the job and never renew its lock look exactly like killed ones to BullMQ.
+    const info: PackageInfo = { ...(await client.info()), name: 'doomed' };
+    const admin = new Redis(redis.url);
+    await publishPackage(admin, info);
+    await admin.quit();
+    const doomedClient = await RemoteEngineClient.connect({ redisUrl: redis.url, owner: 'test-bot', packageId: 'doomed@1.0.0', logger: quiet, checkIntervalMs: 1000 });
+    const runs: string[] = [];
+    const zombies = Array.from(
+      { length: 4 },
+      (_, i) =>
+        new Worker<RemoteJobData>(
+          queueNameFor(info),
+          async (job) => {
+            runs.push(`${i}:${job.id}`);
+            await new Promise(() => undefined);
+          },
+          { connection: { url: redis.url, maxRetriesPerRequest: null }, prefix: QUEUE_PREFIX, skipLockRenewal: true, lockDuration: 1000, stalledInterval: 500, maxStalledCount: 2 },
+        ),
+    );
+    try {
+      const outcome = doomedClient.generate(fast(500));
+      await assert.rejects(outcome, (e: unknown) => e instanceof EngineError && e.message === STALLED_MESSAGE);
+      assert.equal(runs.length, 3, `runs: ${runs.join(', ')}`);
+      assert.match(STALLED_MESSAGE, /stopped 3 times .*again on another worker 2 times/);
+    } finally {
+      await Promise.all(zombies.map((z) => z.close(true)));
+      await doomedClient.dispose();
+    }
+  });
+});
