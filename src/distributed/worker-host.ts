@@ -142,9 +142,10 @@ export class WorkerHost {
     this.worker = worker;
     worker.on('error', (error) => logger.warn({ err: error }, 'queue error'));
     worker.on('completed', (job) => logger.info({ job: job.id, worker: this.workerId }, 'job completed'));
-    worker.on('failed', (job, error) =>
-      logger.info({ job: job?.id, worker: this.workerId, reason: decodeFailure(error.message).message }, 'job failed'),
-    );
+    worker.on('failed', (job, error) => {
+      const failure = decodeFailure(error.message);
+      logger.info({ job: job?.id, worker: this.workerId, reason: failure.message }, failure.code === 'cancelled' ? 'job cancelled' : 'job failed');
+    });
     worker.on('stalled', (jobId) => logger.warn({ job: jobId }, 'a job lost its worker; it runs again'));
     await worker.waitUntilReady();
     logger.info(
