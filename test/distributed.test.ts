@@ -215,6 +215,7 @@ describe('distributed mode with two worker processes', () => {
       assert.deepEqual(remote.images[0].contributions!.shares, local.images[0].contributions!.shares);
       assert.ok(previews.length > 0, 'previews came through');
       assert.equal(previews[0].preview!.data.length, previews[0].preview!.width * previews[0].preview!.height * 3);
+      await waitUntil(() => completedEverywhere().length === 9, 10_000, 'the ninth completion logged');
     } finally {
       await embedded.dispose();
     }
@@ -263,6 +264,7 @@ describe('distributed mode with two worker processes', () => {
     // The worker goes on with the next job; the cancelled waiting job never started.
     const next = await client.generate(fast(300));
     assert.equal(next.images.length, 1);
+    await waitUntil(() => survivor.jobs('job completed').includes(survivor.jobs('job started').at(-1)!), 10_000, 'its completion logged');
     const startedSince = survivor.jobs('job started').slice(startedBefore);
     assert.equal(startedSince.length, 2, `only the running job and the next one started: ${startedSince.join(', ')}`);
     assert.equal(startedSince[0], stopped.job);
