@@ -1,0 +1,217 @@
+// The whole evaluation of a package: generate in every mode, score, summarise, draw the figures and
+// write the report (docs/results.md and its folder docs/results/).
+import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { UsageError } from '../cli/args.ts';
+import type { ExecutionProvider } from '../engine/onnx-session.ts';
+import { renderContributionPanel, renderGrid, type GridTile } from '../engine/render/index.ts';
+import { startEnginePool } from '../worker/engine-pool.ts';
+import { AttributeClassifier } from './classifier.ts';
+import { promptSetByName, type EvalPrompt, type PromptSetName } from './prompts.ts';
+import { floorAt, loadReference, REFERENCE_FILE, type Reference } from './reference.ts';
+import { extractAnalysis, renderReport, type ReportInput } from './report.ts';
+import { evalModes, runMode, type ModeRun } from './run.ts';
+import { evaluateTargets, summarizeMode, type ModeSummary, type TargetResult } from './summary.ts';
+
+export interface EvaluationOptions {
+  modelDir: string;
+  promptSet: PromptSetName;
+  /** The markdown report; figures and per-prompt data go to the folder of the same name without `.md`. */
+  out: string;
+  /** As typed, for the report. */
+  command: string;
+  steps?: number;
+  ensemble?: string;
+  /** onnxruntime threads per engine (default: the cores divided among the jobs). */
+  threads?: number;
+  /** Engines generating at once, each in its own thread (default: one per core on the CPU, one on a GPU). */
+  jobs?: number;
+  executionProvider?: ExecutionProvider;
+  log?: (message: string) => void;
+}
+
+export interface EvaluationResult {
+  summaries: ModeSummary[];
+  targets: TargetResult[];
+  files: string[];
+}
+
+/** Max |Δ| between the ONNX classifier's features and PyTorch's on the reference's probe images, and the largest |feature|. */
+async function probeParity(classifier: AttributeClassifier, reference: Reference): Promise<{ maxDiff: number; scale: number } | null> {
+  if (!reference.probe) return null;
+  const readings = await classifier.classify(reference.probe.images);
+  let maxDiff = 0;
+  let scale = 0;
+  readings.forEach((r, i) => {
+    const want = reference.probe!.features[i];
+    for (let k = 0; k < want.length; k++) {
+      maxDiff = Math.max(maxDiff, Math.abs(r.features[k] - want[k]));
+      scale = Math.max(scale, Math.abs(want[k]));
+    }
+  });
+  return { maxDiff, scale };
+}
+
+/** Prompts shown in the figures: the first two-object prompt (panel), and it with the next pair and the first single-object prompt (grid). */
+function showcase(prompts: EvalPrompt[]): { panel?: EvalPrompt; grid: EvalPrompt[] } {
+  const pairs = prompts.filter((p) => p.kind === 'pair');
+  const single = prompts.find((p) => p.kind === 'single');
+  return { panel: pairs[0], grid: [single, ...pairs.slice(0, 2)].filter((p): p is EvalPrompt => p !== undefined) };
+}
+
+function perPromptData(runs: ModeRun[], prompts: EvalPrompt[]) {
+  return {
+    prompts: prompts.map((p) => ({ id: p.id, kind: p.kind, seed: p.seed, text: p.text })),
+    modes: runs.map((run) => ({
+      key: run.mode.key,
+      label: run.mode.label,
+      seconds: Math.round(run.seconds * 10) / 10,
+      outcomes: run.outcomes.map((o) => ({
+        id: o.promptId,
+        full: o.score.full,
+        wrong: Object.entries(o.score.stated)
+          .filter(([a, n]) => o.score.correct[a as keyof typeof o.score.correct] < n)
+          .map(([a]) => a),
+        read: o.labels,
+        ...(o.shares ? { shares: o.shares.map((x) => Math.round(x * 1000) / 1000) } : {}),
+        ...(o.routing ? { routing: o.routing.map((x) => Math.round(x * 1000) / 1000) } : {}),
+      })),
+    })),
+  };
+}
+
+export async function runEvaluation(options: EvaluationOptions): Promise<EvaluationResult> {
+  const log = options.log ?? (() => {});
+  const started = performance.now();
+  const prompts = promptSetByName(options.promptSet);
+  const byId = new Map(prompts.map((p) => [p.id, p]));
+  const evalDir = path.join(options.modelDir, 'eval');
+  const provider = options.executionProvider ?? 'cpu';
+  const jobs = options.jobs ?? (provider === 'cpu' ? os.availableParallelism() : 1);
+  const threads = options.threads ?? (provider === 'cpu' ? Math.max(1, Math.floor(os.availableParallelism() / jobs)) : 0);
+  const engine = await startEnginePool({ modelDir: options.modelDir, executionProvider: provider, threads }, jobs);
+  let classifier: AttributeClassifier | undefined;
+  try {
+    classifier = await AttributeClassifier.load(evalDir, threads).catch((err: Error) => {
+      throw new UsageError(`Cannot load the attribute classifier from ${evalDir} (classifier.onnx + classifier.json): ${err.message}`);
+    });
+    const info = await engine.info();
+    const reference = await loadReference(evalDir);
+    const parity = reference ? await probeParity(classifier, reference) : null;
+    const { modes, notes } = (() => {
+      try {
+        return evalModes(info, options.ensemble);
+      } catch (err) {
+        throw new UsageError((err as Error).message);
+      }
+    })();
+    const shown = showcase(prompts);
+    const keep = new Set(shown.grid.map((p) => p.id));
+    const steps = options.steps ?? info.defaults.steps;
+    log(
+      `eval of ${info.name}@${info.version}: ${prompts.length} prompts (${options.promptSet} set) × ${modes.length} modes, ${steps} steps, ` +
+        `${jobs} engine${jobs > 1 ? 's' : ''} × ${threads || 'default'} thread${threads === 1 ? '' : 's'}` +
+        (reference ? '' : `; no ${REFERENCE_FILE}, so no Fréchet distance`),
+    );
+    if (parity && parity.maxDiff > 1e-2 * parity.scale) {
+      notes.push(`the ONNX classifier's features differ from the reference's by up to ${parity.maxDiff.toExponential(1)} on its probe images: the reference may belong to another classifier`);
+    }
+
+    const runs: ModeRun[] = [];
+    for (const [i, mode] of modes.entries()) {
+      log(`[${i + 1}/${modes.length}] ${mode.label}`);
+      const run = await runMode(engine, classifier, mode, prompts, { steps: options.steps, keepImages: keep, log, concurrency: jobs });
+      runs.push(run);
+      const s = summarizeMode(run, byId, reference);
+      log(`  done in ${run.seconds.toFixed(0)} s: full match ${fmt(s.single.full)} single, ${fmt(s.pair.full)} two-object`);
+    }
+    const summaries = runs.map((run) => summarizeMode(run, byId, reference));
+    const targets = evaluateTargets(summaries);
+
+    const figuresDir = options.out.replace(/\.md$/i, '');
+    const relative = (file: string) => path.relative(path.dirname(options.out), file).split(path.sep).join('/');
+    await mkdir(figuresDir, { recursive: true });
+    const files: string[] = [options.out];
+    const titles = Object.fromEntries(info.experts.map((e) => [e.id, e.title]));
+    const figures: ReportInput['figures'] = {};
+    const afaRun = runs.find((r) => r.mode.request.mode === 'afa');
+    const panelImage = shown.panel && afaRun?.kept.get(shown.panel.id);
+    if (shown.panel && panelImage?.contributions) {
+      const file = path.join(figuresDir, 'contributions.png');
+      await writeFile(file, await renderContributionPanel(panelImage.image, panelImage.contributions, titles, { tileSize: 192, imageLabel: afaRun!.mode.label }));
+      files.push(file);
+      const c = panelImage.contributions;
+      figures.panel = {
+        file: relative(file),
+        prompt: shown.panel.text,
+        shares: c.experts.map((e, i) => `${titles[e] ?? e} ${(c.shares[i] * 100).toFixed(0)}%`).join(', '),
+      };
+    }
+    if (shown.grid.length) {
+      const tiles: GridTile[] = [];
+      for (const prompt of shown.grid) {
+        for (const run of runs) tiles.push({ image: run.kept.get(prompt.id)!.image, label: run.mode.label });
+      }
+      const file = path.join(figuresDir, 'compare.png');
+      await writeFile(file, await renderGrid(tiles, { columns: runs.length, tileSize: 128 }));
+      files.push(file);
+      figures.grid = { file: relative(file), prompts: shown.grid.map((p) => p.text), modes: runs.map((r) => r.mode.label) };
+    }
+    const perPromptFile = path.join(figuresDir, 'per-prompt.json');
+    await writeFile(perPromptFile, JSON.stringify(perPromptData(runs, prompts), null, 1) + '\n');
+    files.push(perPromptFile);
+
+    let analysis: string | null = null;
+    try {
+      analysis = extractAnalysis(await readFile(options.out, 'utf8'));
+    } catch {
+      // no earlier report
+    }
+    const single = prompts.filter((p) => p.kind === 'single').length;
+    const report = renderReport({
+      packageLabel: `${info.name}@${info.version}`,
+      date: new Date().toISOString().replace('T', ' ').replace(/\.\d+Z$/, ' UTC'),
+      command: options.command,
+      promptSet: { name: options.promptSet, single, pair: prompts.length - single },
+      generation: { steps, guidance: info.defaults.guidance, scheduler: info.defaults.scheduler, width: classifier.meta.size, height: classifier.meta.size },
+      machine: {
+        cpu: os.cpus()[0]?.model.trim() ?? 'unknown CPU',
+        cores: os.cpus().length,
+        node: process.versions.node,
+        threads,
+        jobs,
+        provider,
+      },
+      totalSeconds: (performance.now() - started) / 1000,
+      summaries,
+      targets,
+      reference: reference
+        ? {
+            status: 'ok',
+            file: relative(reference.file),
+            weights: reference.weights,
+            floor: {
+              single: floorAt(reference, 'single', single),
+              pair: floorAt(reference, 'pair', prompts.length - single),
+            },
+            parity,
+          }
+        : { status: 'missing', file: relative(path.join(evalDir, REFERENCE_FILE)) },
+      classifierAccuracy: classifier.meta.accuracyOnRenders,
+      notes,
+      figures,
+      perPromptFile: relative(perPromptFile),
+      analysis,
+    });
+    await writeFile(options.out, report);
+    return { summaries, targets, files };
+  } finally {
+    await classifier?.dispose();
+    await engine.dispose();
+  }
+}
+
+function fmt(x: number | null): string {
+  return x === null ? '–' : `${(x * 100).toFixed(1)}%`;
+}
