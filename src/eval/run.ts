@@ -85,7 +85,7 @@ function formatDuration(seconds: number): string {
 }
 
 export async function runMode(
-  engine: EngineClient,
+  engine: Pick<EngineClient, 'generate'>,
   classifier: ImageReader,
   mode: EvalMode,
   prompts: EvalPrompt[],
