@@ -1,7 +1,8 @@
 // The distributed mode against a real redis-server: two GPU worker processes (`npm run worker`'s entry)
 // on the fixture package, the bot's RemoteEngineClient dispatching to them. A job stream, a worker
 // killed with SIGKILL mid-job, cancellation of waiting and running jobs, a Redis restart, a worker whose
-// package cannot load, and a job whose workers keep dying: nothing is lost, nothing completes twice.
+// package cannot load, a worker whose engine thread dies, and a job whose workers keep dying: nothing
+// is lost, nothing completes twice.
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { rm, writeFile } from 'node:fs/promises';
@@ -9,12 +10,13 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { Queue, Worker } from 'bullmq';
 import { Redis } from 'ioredis';
-import { EngineError, type GenerateRequest, type GenerateResult, type PackageInfo, type ProgressEvent } from '../src/engine/api.ts';
+import { EngineError, type EngineClient, type GenerateRequest, type PackageInfo, type ProgressEvent } from '../src/engine/api.ts';
 import { QUEUE_PREFIX, queueNameFor } from '../src/distributed/names.ts';
 import { STALLED_MESSAGE, type RemoteJobData } from '../src/distributed/protocol.ts';
 import { RemoteEngineClient } from '../src/distributed/remote-engine.ts';
 import { publishPackage } from '../src/distributed/registry.ts';
-import { startEngineWorker } from '../src/worker/engine-worker.ts';
+import { WorkerHost } from '../src/distributed/worker-host.ts';
+import { EngineWorker, startEngineWorker } from '../src/worker/engine-worker.ts';
 import { copyOfTiny, REPO_ROOT, TINY } from './helpers/fixture.ts';
 import { startRedis, type TestRedis } from './support/redis.ts';
 
@@ -284,6 +286,42 @@ describe('distributed mode with two worker processes', () => {
     const completedSince = () => completedEverywhere().filter((id) => !earlier.has(id));
     const completed = await waitUntil(() => completedSince().length >= 2 && completedSince(), 10_000, 'two completions logged');
     assert.equal(new Set(completed).size, 2, 'each completed once');
+  });
+
+  test('a worker whose engine thread dies mid-job stops and leaves the job to another worker', async () => {
+    // A package of its own, so that only these two in-process workers see the job.
+    const renamed = (engine: EngineClient): EngineClient => ({
+      info: async () => ({ ...(await engine.info()), name: 'fragile' }),
+      generate: (request, options) => engine.generate(request, options),
+      dispose: () => engine.dispose(),
+    });
+    const timings = { lockDurationMs: 1500, stalledIntervalMs: 500, heartbeatMs: 500 };
+    const doomedEngine = await EngineWorker.start({ modelDir: TINY });
+    const lost: EngineError[] = [];
+    const dying = await WorkerHost.start({ redisUrl: redis.url, engine: renamed(doomedEngine), workerId: 'fragile-1', logger: quiet, timings, onEngineLost: (e) => lost.push(e) });
+    const fragileClient = await RemoteEngineClient.connect({ redisUrl: redis.url, owner: 'test-bot', packageId: 'fragile@1.0.0', logger: quiet, checkIntervalMs: 1000 });
+    let rescuer: WorkerHost | undefined;
+    let rescuerEngine: EngineClient | undefined;
+    try {
+      // the thread ends at the step boundary after crash(): a job of 50 steps is still under way then
+      const job = track(fragileClient, { ...fast(600), steps: 50 });
+      await waitUntil(() => job.progress.length >= 1, 60_000, 'the job under way');
+      doomedEngine.crash();
+      await waitUntil(() => lost.length === 1, 20_000, 'the worker to give up');
+      assert.equal(lost[0].code, 'unavailable');
+      assert.equal(doomedEngine.stopped, true);
+
+      rescuerEngine = renamed(await startEngineWorker({ modelDir: TINY }));
+      rescuer = await WorkerHost.start({ redisUrl: redis.url, engine: rescuerEngine, workerId: 'fragile-2', logger: quiet, timings });
+      const result = await job.outcome;
+      assert.equal(result.params.steps, 50);
+      assert.equal(result.images[0].seed, 600);
+    } finally {
+      await rescuer?.stop();
+      await rescuerEngine?.dispose();
+      await dying.stop();
+      await fragileClient.dispose();
+    }
   });
 
   test('a job whose workers keep dying runs at most three times, then fails with a clear message', async () => {

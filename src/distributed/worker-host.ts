@@ -38,6 +38,12 @@ export interface WorkerHostOptions {
   workerId?: string;
   logger: DistributedLogger;
   timings?: Partial<WorkerTimings>;
+  /**
+   * The engine died mid-job (EngineError 'unavailable'): the host has stopped, without finishing or
+   * failing the job, so BullMQ runs it again on another worker once its lock runs out (within the
+   * same limit as a killed worker's). The process should exit non-zero for its supervisor to restart it.
+   */
+  onEngineLost?: (error: EngineError) => void;
 }
 
 export function defaultWorkerId(): string {
@@ -192,12 +198,24 @@ export class WorkerHost {
       return { worker: this.workerId, bytes: encoded.length };
     } catch (error) {
       await progress.flush();
+      if (error instanceof EngineError && error.code === 'unavailable' && !controller.signal.aborted) {
+        logger.error({ job: jobId, worker: this.workerId, reason: error.message }, 'the engine stopped; leaving the job to another worker');
+        void this.abandon(error);
+        // never settled here: the job stays active until its lock expires, then runs again elsewhere
+        return new Promise<never>(() => undefined);
+      }
       throw new Error(encodeFailure(error));
     } finally {
       clearInterval(poll);
       await this.redis.del(redisKeys.preview(jobId)).catch(() => undefined);
       this.setState('idle');
     }
+  }
+
+  private async abandon(error: EngineError): Promise<void> {
+    this.advert = { ...this.advert, healthy: false, problem: error.message };
+    await this.stop({ force: true });
+    this.options.onEngineLost?.(error);
   }
 
   /** Takes no more jobs, lets the running one finish (or, with `force`, leaves it to another worker), withdraws the advertisement. */

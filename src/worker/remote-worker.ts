@@ -1,6 +1,7 @@
 // `npm run worker`: a GPU worker of the distributed mode (one process per GPU). Loads MODEL_DIR, then
 // takes that package's jobs from Redis (REDIS_URL). A package that cannot be loaded takes no jobs: the
-// worker says why in its log and in its advertisement (/queue), and exits non-zero.
+// worker says why in its log and in its advertisement, and exits non-zero. If the engine thread dies
+// mid-job, the worker exits too (status 70) and leaves the job to another worker.
 import { config as loadDotenv } from 'dotenv';
 import type { EngineClient } from '../engine/api.ts';
 import { createLogger } from '../bot/logger.ts';
@@ -51,7 +52,14 @@ async function main(): Promise<void> {
     process.exit(1);
   }
 
-  const host = await WorkerHost.start({ redisUrl: config.redisUrl, engine, workerId: config.workerId, logger, timings: config.timings });
+  const host = await WorkerHost.start({
+    redisUrl: config.redisUrl,
+    engine,
+    workerId: config.workerId,
+    logger,
+    timings: config.timings,
+    onEngineLost: () => process.exit(70),
+  });
 
   let signals = 0;
   const shutdown = (signal: string): void => {
