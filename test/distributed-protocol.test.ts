@@ -1,5 +1,5 @@
 // The distributed mode's pieces that need no Redis: the result encoding, failure reasons, which
-// package the bot serves, queue names, and the worker's and the bot's settings.
+// package the bot serves, queue names, the worker summary for /queue, and the worker's and the bot's settings.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { loadConfig, ConfigError } from '../src/bot/config.ts';
@@ -9,6 +9,7 @@ import { decodeFailure, encodeFailure, STALLED_MESSAGE } from '../src/distribute
 import { choosePackage, type PublishedPackage, type WorkerAdvert } from '../src/distributed/registry.ts';
 import { decodeImage, decodeResult, encodeImage, encodeResult } from '../src/distributed/result-codec.ts';
 import { loadWorkerConfig, WorkerConfigError } from '../src/distributed/worker-config.ts';
+import { describeWorkers } from '../src/distributed/worker-summary.ts';
 
 function sampleResult(): GenerateResult {
   const pixels = (seed: number) => Uint8Array.from({ length: 4 * 3 * 3 }, (_, i) => (i * 7 + seed) % 256);
@@ -137,4 +138,38 @@ test('bot settings: QUEUE_BACKEND=redis needs a redis:// REDIS_URL; memory stays
     () => loadConfig({ ...base, QUEUE_BACKEND: 'kafka', REDIS_URL: 'localhost:6379' }),
     (e: unknown) => e instanceof ConfigError && e.problems.length === 2 && /QUEUE_BACKEND must be memory or redis/.test(e.message),
   );
+});
+
+test('/queue summary of the GPU workers: busy ones first, unhealthy ones with their reason', () => {
+  const advert = (id: string, over: Partial<WorkerAdvert>): WorkerAdvert => ({
+    id,
+    host: 'h',
+    pid: 1,
+    package: 'demo@1.0.0',
+    experts: [],
+    ensembles: [],
+    executionProvider: 'cuda',
+    healthy: true,
+    state: 'idle',
+    jobsDone: 0,
+    startedAt: 0,
+    seenAt: 0,
+    ...over,
+  });
+  const text = describeWorkers(
+    [
+      advert('b-gpu0', { jobsDone: 3 }),
+      advert('a-gpu1', { state: 'busy', jobId: 'x', jobsDone: 1 }),
+      advert('old', { package: 'demo@0.9.0' }),
+      advert('c-gpu0', { healthy: false, package: '', problem: 'cannot load the model package models/demo: bad graph' }),
+    ],
+    'demo@1.0.0',
+  );
+  assert.deepEqual(text.split('\n'), [
+    '2 GPU workers for demo@1.0.0, 1 busy:',
+    '• `a-gpu1` (cuda) — drawing, 1 job done',
+    '• `b-gpu0` (cuda) — idle, 3 jobs done',
+    '• ⚠️ `c-gpu0` takes no jobs: cannot load the model package models/demo: bad graph',
+  ]);
+  assert.match(describeWorkers([], 'demo@1.0.0'), /No GPU worker is online for demo@1\.0\.0/);
 });
