@@ -14,7 +14,7 @@ import { argmax, parseClassifierMeta, toClassifierInput, type ImageReader, type 
 import { featureStats, frechetDistance, sqrtPsd, symmetricEigen } from '../src/eval/frechet.ts';
 import { defaultPromptSet, familyOrders, fullPromptSet, quickPromptSet, type EvalPrompt } from '../src/eval/prompts.ts';
 import { floorAt, parseReference } from '../src/eval/reference.ts';
-import { ANALYSIS_END, ANALYSIS_START, extractAnalysis, renderReport, type ReportInput } from '../src/eval/report.ts';
+import { ANALYSIS_END, ANALYSIS_START, extractAnalysis, formatDistance, renderReport, type ReportInput } from '../src/eval/report.ts';
 import { evalModes, runMode } from '../src/eval/run.ts';
 import { routingShares, scoreReading, summarize } from '../src/eval/scoring.ts';
 import { evaluateTargets, type ModeSummary } from '../src/eval/summary.ts';
@@ -289,7 +289,14 @@ describe('Fréchet distance', () => {
       classifier: { weights: 'float16', feature_dim: 2 },
       sets: { single: { n: 100, mean: [1, -1], cov_f32: Buffer.from(cov.buffer).toString('base64') } },
       floor: { single: { n: [6, 36, 108], frechet: [3, 1, 0.5] } },
-      probe: { count: 1, width: 2, height: 2, images_rgb_base64: Buffer.from(probe).toString('base64'), features: [[0.1, 0.2]] },
+      probe: {
+        count: 1,
+        width: 2,
+        height: 2,
+        images_rgb_base64: Buffer.from(probe).toString('base64'),
+        features: [[0.1, 0.2]],
+        scenes: [SINGLE],
+      },
     };
     const ref = parseReference(json);
     assert.deepEqual([...ref.sets.single!.cov], [2, 0.5, 0.5, 1]);
@@ -298,6 +305,7 @@ describe('Fréchet distance', () => {
     assert.deepEqual(floorAt(ref, 'single', 1000), { n: 108, frechet: 0.5 });
     assert.equal(floorAt(ref, 'pair', 40), null);
     assert.deepEqual([...ref.probe!.images[0].data], [...probe]);
+    assert.deepEqual(ref.probe!.scenes, [SINGLE]);
     assert.throws(() => parseReference({ format: 'other' }), /not a reference feature file/);
   });
 });
@@ -384,6 +392,7 @@ describe('targets and report', () => {
     assert.match(md, /Package \*\*demo@1\.0\.0\*\*, evaluated 2026-01-01/);
     assert.match(md, /`npm run eval`/);
     assert.match(md, /\| AFA trio \| 100\.0 \| 90\.0 \| 72\.0 \| 80\.0 \| 70\.0 \| \*\*72\.0\*\* \| 1\.50 \|/);
+    assert.deepEqual([formatDistance(1234.567), formatDistance(12.345), formatDistance(null)], ['1235', '12.35', '–']);
     assert.match(md, /\| AFA trio \| 100\.0 \| 90\.0 \| 50\.0 \| 80\.0 \| 70\.0 \| 100\.0 \| \*\*50\.0\*\* \| – \|/);
     assert.match(md, /AFA single-object full match ≥ 70% \| 72\.0% \| pass \(by 2\.0 points\)/);
     assert.match(md, /\*\*miss\*\* \(by 3\.0 points\)/);

@@ -9,8 +9,9 @@ the classifier in the package: `<package>/eval/reference_features.json` with
   objects of different families at left and right), covariance as float32 little-endian base64;
 - `floor`: the Fréchet distance of n other rendered scenes to those statistics, for several n
   (a distance measured on few images is biased upwards; this is what perfect images would score);
-- `probe`: a few rendered images with their features, so the eval can check that the ONNX
-  classifier it runs computes the same features as the PyTorch one used here.
+- `probe`: a few rendered images with their features and scenes, so the eval can check that the
+  ONNX classifier it runs computes the same features as the PyTorch one used here, and reads the
+  scenes back.
 
     python3 -m trainer.eval_reference --classifier trainer/runs/demo/classifier/classifier.pt --package models/demo
 """
@@ -64,6 +65,15 @@ def render_set(kind: str, n: int, seed: int) -> shapes.ShapesBatch:
     return shapes.concat(parts)
 
 
+def scene_of(batch: shapes.ShapesBatch, i: int) -> Dict:
+    """What scene i holds, by name: {"objects": [{shape, colour, size, position}], "background"}."""
+    objects = []
+    for k in range(int(batch.num_objects[i])):
+        objects.append({"shape": shapes.SHAPES[int(batch.shape[i, k])], "colour": shapes.COLOURS[int(batch.colour[i, k])],
+                        "size": shapes.SIZES[int(batch.size[i, k])], "position": shapes.POSITIONS[int(batch.position[i, k])]})
+    return {"objects": objects, "background": shapes.BACKGROUNDS[int(batch.background[i])]}
+
+
 def frechet_to_stats(features: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> float:
     """Fréchet distance between a feature set [N, D] and Gaussian statistics (mean, cov)."""
     a = np.asarray(features, dtype=np.float64)
@@ -98,7 +108,7 @@ def _b64_f32(array: np.ndarray) -> str:
 def reference_features(model: clf.AttributeClassifier, n_single: int = 4000, n_pair: int = 2000,
                        floor_sizes: Sequence[int] = FLOOR_SIZES, weights: str = "float32") -> Dict:
     sets, floor = {}, {}
-    probe_images, probe_features = [], []
+    probe_images, probe_features, probe_scenes = [], [], []
     for kind, n in (("single", n_single), ("pair", n_pair)):
         batch = render_set(kind, n, REFERENCE_SEED + (0 if kind == "single" else 100_000))
         features = clf.predict(model, batch.images)["features"].numpy().astype(np.float64)
@@ -115,6 +125,7 @@ def reference_features(model: clf.AttributeClassifier, n_single: int = 4000, n_p
         k = PROBE_COUNT // 2
         probe_images.append(batch.images[:k])
         probe_features += features[:k].tolist()
+        probe_scenes += [scene_of(batch, i) for i in range(k)]
     images = torch.cat(probe_images).permute(0, 2, 3, 1).contiguous().numpy()  # HWC, as the engine's RgbImage
     return {
         "format": FORMAT,
@@ -125,7 +136,8 @@ def reference_features(model: clf.AttributeClassifier, n_single: int = 4000, n_p
         "floor": floor,
         "probe": {"count": len(images), "width": shapes.IMAGE_SIZE, "height": shapes.IMAGE_SIZE,
                   "images_rgb_base64": base64.b64encode(images.astype(np.uint8).tobytes()).decode("ascii"),
-                  "features": [[round(float(x), 6) for x in row] for row in probe_features]},
+                  "features": [[round(float(x), 6) for x in row] for row in probe_features],
+                  "scenes": probe_scenes},
     }
 
 

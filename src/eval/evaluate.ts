@@ -10,8 +10,9 @@ import { startEnginePool } from '../worker/engine-pool.ts';
 import { AttributeClassifier } from './classifier.ts';
 import { promptSetByName, type EvalPrompt, type PromptSetName } from './prompts.ts';
 import { floorAt, loadReference, REFERENCE_FILE, type Reference } from './reference.ts';
-import { extractAnalysis, renderReport, type ReportInput } from './report.ts';
+import { extractAnalysis, renderReport, type ProbeCheck, type ReportInput } from './report.ts';
 import { evalModes, runMode, type ModeRun } from './run.ts';
+import { scoreReading } from './scoring.ts';
 import { evaluateTargets, summarizeMode, type ModeSummary, type TargetResult } from './summary.ts';
 
 export interface EvaluationOptions {
@@ -37,8 +38,11 @@ export interface EvaluationResult {
   files: string[];
 }
 
-/** Max |Δ| between the ONNX classifier's features and PyTorch's on the reference's probe images, and the largest |feature|. */
-async function probeParity(classifier: AttributeClassifier, reference: Reference): Promise<{ maxDiff: number; scale: number } | null> {
+/**
+ * The ONNX classifier on the reference's probe renders: max |Δ| from PyTorch's features (and the
+ * largest |feature|), and how many of the rendered scenes it reads back completely.
+ */
+async function probeCheck(classifier: AttributeClassifier, reference: Reference): Promise<ProbeCheck | null> {
   if (!reference.probe) return null;
   const readings = await classifier.classify(reference.probe.images);
   let maxDiff = 0;
@@ -50,7 +54,9 @@ async function probeParity(classifier: AttributeClassifier, reference: Reference
       scale = Math.max(scale, Math.abs(want[k]));
     }
   });
-  return { maxDiff, scale };
+  const scenes = reference.probe.scenes;
+  const readBack = scenes ? scenes.filter((scene, i) => scoreReading(scene, readings[i].labels).full).length : null;
+  return { maxDiff, scale, readBack, images: readings.length };
 }
 
 /** Prompts shown in the figures: the first two-object prompt (panel), and it with the next pair and the first single-object prompt (grid). */
@@ -98,7 +104,7 @@ export async function runEvaluation(options: EvaluationOptions): Promise<Evaluat
     });
     const info = await engine.info();
     const reference = await loadReference(evalDir);
-    const parity = reference ? await probeParity(classifier, reference) : null;
+    const parity = reference ? await probeCheck(classifier, reference) : null;
     const { modes, notes } = (() => {
       try {
         return evalModes(info, options.ensemble);
@@ -116,6 +122,9 @@ export async function runEvaluation(options: EvaluationOptions): Promise<Evaluat
     );
     if (parity && parity.maxDiff > 1e-2 * parity.scale) {
       notes.push(`the ONNX classifier's features differ from the reference's by up to ${parity.maxDiff.toExponential(1)} on its probe images: the reference may belong to another classifier`);
+    }
+    if (parity && parity.readBack !== null && parity.readBack < parity.images) {
+      notes.push(`the classifier reads back only ${parity.readBack} of ${parity.images} rendered probe scenes`);
     }
 
     const runs: ModeRun[] = [];

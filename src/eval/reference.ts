@@ -5,6 +5,7 @@ import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import type { RgbImage } from '../engine/api.ts';
 import { sqrtPsd, type FeatureStats } from './frechet.ts';
+import type { Scene } from './world.ts';
 
 export type SetKind = 'single' | 'pair';
 
@@ -18,7 +19,8 @@ export interface Reference {
   weights: string;
   sets: Partial<Record<SetKind, ReferenceSet>>;
   floor: Partial<Record<SetKind, { n: number[]; frechet: number[] }>>;
-  probe?: { images: RgbImage[]; features: number[][] };
+  /** Rendered images with their PyTorch features and (when recorded) the scenes they show. */
+  probe?: { images: RgbImage[]; features: number[][]; scenes?: Scene[] };
 }
 
 export const REFERENCE_FILE = 'reference_features.json';
@@ -36,7 +38,7 @@ interface ReferenceJson {
   classifier?: { weights?: string; feature_dim?: number };
   sets?: Record<string, { n: number; mean: number[]; cov_f32: string }>;
   floor?: Record<string, { n: number[]; frechet: number[] }>;
-  probe?: { count: number; width: number; height: number; images_rgb_base64: string; features: number[][] };
+  probe?: { count: number; width: number; height: number; images_rgb_base64: string; features: number[][]; scenes?: Scene[] };
 }
 
 export function parseReference(json: unknown, file = REFERENCE_FILE): Reference {
@@ -60,7 +62,7 @@ export function parseReference(json: unknown, file = REFERENCE_FILE): Reference 
       height: r.probe!.height,
       data: new Uint8Array(bytes.subarray(i * size, (i + 1) * size)),
     }));
-    probe = { images, features: r.probe.features };
+    probe = { images, features: r.probe.features, scenes: r.probe.scenes };
   }
   return { file, weights: r.classifier?.weights ?? 'unknown', sets, floor: r.floor ?? {}, probe };
 }

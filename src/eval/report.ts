@@ -9,6 +9,14 @@ export const ANALYSIS_START = '<!-- analysis:start (hand-written; kept when the 
 export const ANALYSIS_END = '<!-- analysis:end -->';
 const NO_ANALYSIS = '_None yet. Write here why a target is missed; `npm run eval` keeps this section._';
 
+export interface ProbeCheck {
+  maxDiff: number;
+  scale: number;
+  /** Probe renders whose every attribute the classifier reads right (null: scenes not recorded). */
+  readBack: number | null;
+  images: number;
+}
+
 export interface ReportInput {
   packageLabel: string;
   date: string;
@@ -21,7 +29,7 @@ export interface ReportInput {
   targets: TargetResult[];
   reference:
     | { status: 'missing'; file: string }
-    | { status: 'ok'; file: string; weights: string; floor: Partial<Record<SetKind, { n: number; frechet: number } | null>>; parity: { maxDiff: number; scale: number } | null };
+    | { status: 'ok'; file: string; weights: string; floor: Partial<Record<SetKind, { n: number; frechet: number } | null>>; parity: ProbeCheck | null };
   classifierAccuracy: Record<string, number>;
   notes: string[];
   figures: {
@@ -49,6 +57,12 @@ function formatNumber(x: number | null, digits = 3): string {
   return x === null || Number.isNaN(x) ? '–' : x.toFixed(digits);
 }
 
+/** Fréchet distances span 0.01 to 10⁴: whole numbers from 100 up. */
+export function formatDistance(x: number | null): string {
+  if (x === null || Number.isNaN(x)) return '–';
+  return Math.abs(x) >= 100 ? x.toFixed(0) : x.toFixed(2);
+}
+
 function formatMargin(t: TargetResult): string {
   if (t.pass === null || t.margin === null) return 'not measured';
   const size = t.unit === 'points' ? `${Math.abs(t.margin).toFixed(1)} points` : Math.abs(t.margin).toFixed(3);
@@ -65,7 +79,7 @@ function adherenceTable(summaries: ModeSummary[], kind: SetKind): string[] {
       ...ATTRIBUTES.map((attr) => formatPercent(a.attributes[attr])),
       ...(kind === 'pair' ? [formatPercent(a.count)] : []),
       `**${formatPercent(a.full)}**`,
-      formatNumber(s.frechet[kind], 2),
+      formatDistance(s.frechet[kind]),
     ];
   });
   return [`| ${header.join(' | ')} |`, `|${header.map((_, i) => (i === 0 ? '---' : '---:')).join('|')}|`, ...rows.map((r) => `| ${r.join(' | ')} |`)];
@@ -165,14 +179,15 @@ export function renderReport(r: ReportInput): string {
   out.push('- Modes: each expert alone, the average of their predictions, their weight-space merge (equal weights), and the AFA ensemble with contribution maps, all through the engine (`src/engine/pipeline.ts`).');
   if (r.reference.status === 'ok') {
     const floor = (['single', 'pair'] as const)
-      .map((k) => (r.reference.status === 'ok' && r.reference.floor[k] ? `${k} ${r.reference.floor[k]!.frechet.toFixed(2)} at n = ${r.reference.floor[k]!.n}` : null))
+      .map((k) => (r.reference.status === 'ok' && r.reference.floor[k] ? `${k} ${formatDistance(r.reference.floor[k]!.frechet)} at n = ${r.reference.floor[k]!.n}` : null))
       .filter(Boolean)
       .join(', ');
     out.push(
       `- Fréchet reference: \`${r.reference.file}\` (rendered scenes, classifier weights ${r.reference.weights}). A distance on few ` +
         `images is biased upwards; rendered images themselves score ${floor || '(floor not recorded)'}.` +
         (r.reference.parity
-          ? ` ONNX vs PyTorch classifier features on the probe images: max |Δ| = ${r.reference.parity.maxDiff.toExponential(1)} (features up to ${r.reference.parity.scale.toPrecision(2)}).`
+          ? ` ONNX vs PyTorch classifier features on the ${r.reference.parity.images} probe renders: max |Δ| = ${r.reference.parity.maxDiff.toExponential(1)} (features up to ${r.reference.parity.scale.toPrecision(2)})` +
+            (r.reference.parity.readBack !== null ? `; read back completely: ${r.reference.parity.readBack} of ${r.reference.parity.images}.` : '.')
           : ''),
     );
   } else {
