@@ -96,12 +96,14 @@ export async function runEvaluation(options: EvaluationOptions): Promise<Evaluat
   const provider = options.executionProvider ?? 'cpu';
   const jobs = options.jobs ?? (provider === 'cpu' ? os.availableParallelism() : 1);
   const threads = options.threads ?? (provider === 'cpu' ? Math.max(1, Math.floor(os.availableParallelism() / jobs)) : 0);
-  const engine = await startEnginePool({ modelDir: options.modelDir, executionProvider: provider, threads }, jobs);
-  let classifier: AttributeClassifier | undefined;
+  const classifier = await AttributeClassifier.load(evalDir, threads).catch((err: Error) => {
+    throw new UsageError(`Cannot load the attribute classifier from ${evalDir} (classifier.onnx + classifier.json): ${err.message}`);
+  });
+  const engine = await startEnginePool({ modelDir: options.modelDir, executionProvider: provider, threads }, jobs).catch(async (err) => {
+    await classifier.dispose();
+    throw err;
+  });
   try {
-    classifier = await AttributeClassifier.load(evalDir, threads).catch((err: Error) => {
-      throw new UsageError(`Cannot load the attribute classifier from ${evalDir} (classifier.onnx + classifier.json): ${err.message}`);
-    });
     const info = await engine.info();
     const reference = await loadReference(evalDir);
     const parity = reference ? await probeCheck(classifier, reference) : null;
@@ -128,14 +130,15 @@ export async function runEvaluation(options: EvaluationOptions): Promise<Evaluat
     }
 
     const runs: ModeRun[] = [];
+    const summaries: ModeSummary[] = [];
     for (const [i, mode] of modes.entries()) {
       log(`[${i + 1}/${modes.length}] ${mode.label}`);
       const run = await runMode(engine, classifier, mode, prompts, { steps: options.steps, keepImages: keep, log, concurrency: jobs });
-      runs.push(run);
       const s = summarizeMode(run, byId, reference);
+      runs.push(run);
+      summaries.push(s);
       log(`  done in ${run.seconds.toFixed(0)} s: full match ${fmt(s.single.full)} single, ${fmt(s.pair.full)} two-object`);
     }
-    const summaries = runs.map((run) => summarizeMode(run, byId, reference));
     const targets = evaluateTargets(summaries);
 
     const figuresDir = options.out.replace(/\.md$/i, '');
@@ -216,7 +219,7 @@ export async function runEvaluation(options: EvaluationOptions): Promise<Evaluat
     await writeFile(options.out, report);
     return { summaries, targets, files };
   } finally {
-    await classifier?.dispose();
+    await classifier.dispose();
     await engine.dispose();
   }
 }
