@@ -94,6 +94,8 @@ export class WorkerHost {
   private heartbeat: NodeJS.Timeout | undefined;
   private advert: WorkerAdvert;
   private stopping: Promise<void> | undefined;
+  /** Set once the advertisement is being withdrawn: no heartbeat may bring it back. */
+  private withdrawn = false;
 
   private constructor(
     private readonly options: WorkerHostOptions,
@@ -161,6 +163,7 @@ export class WorkerHost {
   }
 
   private async beat(): Promise<void> {
+    if (this.withdrawn) return;
     try {
       await advertise(this.redis, this.advert, this.timings.heartbeatMs * 3);
     } catch (error) {
@@ -224,6 +227,7 @@ export class WorkerHost {
       this.setState('stopping', this.advert.jobId);
       await this.worker?.close(options.force);
       clearInterval(this.heartbeat);
+      this.withdrawn = true;
       await withdraw(this.redis, this.workerId).catch(() => undefined);
       await this.redis.quit().catch(() => undefined);
       this.options.logger.info({ worker: this.workerId }, 'worker stopped');
