@@ -19,7 +19,19 @@ async function execute(interaction: ChatInputCommandInteraction, ctx: BotContext
   const summary =
     `Queue: ${view.waiting} waiting (at most ${view.maxQueued}), ${view.running} drawing on ` +
     `${view.workers} worker${view.workers === 1 ? '' : 's'}. Limit per person: ${ctx.config.maxJobsPerUser}.`;
-  await interaction.reply({ content: `${mine}\n-# ${summary}`, flags: MessageFlags.Ephemeral, allowedMentions: { parse: [] } });
+  let workers = '';
+  if (ctx.describeWorkers) {
+    try {
+      workers = `\n${await ctx.describeWorkers()}`;
+    } catch {
+      workers = '\nThe list of GPU workers is not available right now.';
+    }
+  }
+  await interaction.reply({
+    content: clip(`${mine}${workers}\n-# ${summary}`, 2000),
+    flags: MessageFlags.Ephemeral,
+    allowedMentions: { parse: [] },
+  });
 }
 
 export const queue: SlashCommand = { data, execute };

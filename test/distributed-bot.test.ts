@@ -70,6 +70,9 @@ describe('the bot with QUEUE_BACKEND=redis', () => {
       await h.fake.waitFor(() => engine.waiting === 1, 10_000, 'the first job at the worker');
       const second = h.imagine(bob, { prompt: 'a red circle', seed: 43, model: 'duo', contributions: true });
       await second.waitFor((i) => /position 1/.test(lastContent(i)), 10_000, 'the second job queued');
+      const queueView = h.fake.slash('queue', {}, { user: bob });
+      await queueView.waitFor((i) => /GPU worker/.test(i.replyContent ?? ''), 10_000, '/queue lists the workers');
+      assert.match(queueView.replyContent ?? '', /1 GPU worker for tiny@1\.0\.0, 1 busy/);
       engine.open();
 
       const [one, two] = await Promise.all([h.result(first, 30_000), h.result(second, 30_000)]);

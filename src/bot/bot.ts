@@ -5,6 +5,8 @@ import { Events, type Client } from 'discord.js';
 import { commands } from '../../commands/index.ts';
 import type { EngineClient, PackageInfo } from '../engine/api.ts';
 import { RemoteEngineClient } from '../distributed/remote-engine.ts';
+import { packageId } from '../distributed/names.ts';
+import { describeWorkers } from '../distributed/worker-summary.ts';
 import { JobStore } from '../store/job-store.ts';
 import { createDiscordClient } from './client.ts';
 import type { BotConfig } from './config.ts';
@@ -60,7 +62,15 @@ export async function startBot(options: BotOptions): Promise<RunningBot> {
     const discord = createDiscordClient(config);
     client = discord;
     const jobs = new JobService({ rest: discord.rest, store, engine, info, config, logger, messenger: options.messenger });
-    const ctx: BotContext = { config, info, jobs, store, logger };
+    const remote = engine instanceof RemoteEngineClient ? engine : undefined;
+    const ctx: BotContext = {
+      config,
+      info,
+      jobs,
+      store,
+      logger,
+      describeWorkers: remote && (async () => describeWorkers(await remote.workers(), packageId(info))),
+    };
 
     const route = createInteractionRouter(ctx, commands);
     discord.on(Events.InteractionCreate, (interaction) => void route(interaction));

@@ -12,6 +12,8 @@ export interface BotContext {
   jobs: JobService;
   store: JobStore;
   logger: Logger;
+  /** Distributed mode: a few lines describing the GPU workers (for /queue). */
+  describeWorkers?: () => Promise<string>;
 }
 
 /** One module in commands/: its definition (a discord.js builder) and handlers. */
