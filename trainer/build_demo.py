@@ -529,6 +529,9 @@ class DemoBuild:
         os.makedirs(self.path("latents"), exist_ok=True)
         scale = float(vae.config.scaling_factor)
         for name in WORLD_SETS:
+            done = self.path("latents", f"{name}.pt")
+            if os.path.exists(done) and os.path.getmtime(done) > os.path.getmtime(self.path("vae", "final")):
+                continue  # encoded by this VAE already (e.g. before an interruption)
             world = self.world(name)
             chunks = []
             for i in range(0, len(world), 512):

@@ -614,7 +614,7 @@ def _run_training(objective: Objective, data: Sequence[Example], options: TrainO
             f.write("\n")
 
     batches = StepBatches(data, options.batch_size, options.seed)
-    budget = options.max_minutes * 60 if options.max_minutes else None
+    budget = options.max_minutes * 60 if options.max_minutes is not None else None
     progress = Progress(options.steps, start_step, every=options.log_every, budget_seconds=budget,
                         stream=None if options.quiet else sys.stdout)
     metrics = _MetricsLog(out_dir)
