@@ -2,7 +2,7 @@ import { MessageFlags, InteractionContextType, SlashCommandBuilder, type Autocom
 import { MODES, SCHEDULER_NAMES } from '../src/engine/api.ts';
 import { channelAllowed, channelRefusal, type BotContext, type SlashCommand } from '../src/bot/context.ts';
 import { buildImagineRequest, LIMITS } from '../src/bot/imagine-request.ts';
-import { newJobId } from '../src/bot/job-service.ts';
+import { interactionRoute, newJobId } from '../src/bot/job-service.ts';
 import { modelSuggestions } from '../src/bot/model-choice.ts';
 
 const MODE_LABELS: Record<string, string> = {
@@ -87,13 +87,7 @@ async function execute(interaction: ChatInputCommandInteraction, ctx: BotContext
       guildId: interaction.guildId,
       channelId: interaction.channelId,
       request: built.request,
-      reply: {
-        type: 'interaction',
-        applicationId: interaction.applicationId,
-        interactionId: interaction.id,
-        token: interaction.token,
-        tokenIssuedAt: interaction.createdTimestamp,
-      },
+      reply: interactionRoute(interaction),
       parentJobId: null,
       replyToMessageId: null,
     },

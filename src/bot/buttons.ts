@@ -5,7 +5,7 @@ import type { JobKind } from '../store/job-store.ts';
 import { channelAllowed, channelRefusal, type BotContext } from './context.ts';
 import { parseButtonId } from './custom-ids.ts';
 import { randomSeed } from './imagine-request.ts';
-import { newJobId } from './job-service.ts';
+import { interactionRoute, newJobId } from './job-service.ts';
 
 export async function handleButton(interaction: ButtonInteraction, ctx: BotContext): Promise<void> {
   const ephemeral = (content: string) => interaction.reply({ content, flags: MessageFlags.Ephemeral, allowedMentions: { parse: [] } });
@@ -49,13 +49,7 @@ export async function handleButton(interaction: ButtonInteraction, ctx: BotConte
       guildId: interaction.guildId,
       channelId: interaction.channelId,
       request,
-      reply: {
-        type: 'interaction',
-        applicationId: interaction.applicationId,
-        interactionId: interaction.id,
-        token: interaction.token,
-        tokenIssuedAt: interaction.createdTimestamp,
-      },
+      reply: interactionRoute(interaction),
       parentJobId: job.id,
       replyToMessageId: interaction.message.id,
     },

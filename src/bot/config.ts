@@ -161,3 +161,16 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
     logLevel: v.LOG_LEVEL,
   };
 }
+
+/** For entry points: the validated configuration, or each problem printed and exit code 1. */
+export function loadConfigOrExit(env: Record<string, string | undefined> = process.env): BotConfig {
+  try {
+    return loadConfig(env);
+  } catch (error) {
+    if (error instanceof ConfigError) {
+      console.error(error.message);
+      process.exit(1);
+    }
+    throw error;
+  }
+}

@@ -5,7 +5,7 @@ import { pathToFileURL } from 'node:url';
 import { REST, Routes, type RESTPostAPIChatInputApplicationCommandsJSONBody } from 'discord.js';
 import { config as loadDotenv } from 'dotenv';
 import { commands } from '../../commands/index.ts';
-import { ConfigError, loadConfig, type BotConfig } from './config.ts';
+import { loadConfigOrExit, type BotConfig } from './config.ts';
 
 export interface DeployResult {
   scope: 'guild' | 'global';
@@ -27,16 +27,7 @@ export async function deployCommands(
 
 async function main(): Promise<void> {
   loadDotenv({ quiet: true });
-  let config: BotConfig;
-  try {
-    config = loadConfig(process.env);
-  } catch (error) {
-    if (error instanceof ConfigError) {
-      console.error(error.message);
-      process.exit(1);
-    }
-    throw error;
-  }
+  const config = loadConfigOrExit(process.env);
   const result = await deployCommands(config);
   const where = result.scope === 'guild' ? `server ${config.guildId}` : 'all servers (global; may take up to an hour to appear)';
   console.log(`Registered /${result.names.join(', /')} for ${where}.`);

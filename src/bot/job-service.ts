@@ -3,7 +3,7 @@ import { randomInt } from 'node:crypto';
 import type { REST } from 'discord.js';
 import { EngineError, type EngineClient, type GenerateRequest, type GenerateResult, type PackageInfo, type RgbImage } from '../engine/api.ts';
 import { FairQueue, JobAbortedError, type EnqueueResult, type FairQueueJob } from '../queue/fair-queue.ts';
-import type { JobRecord, JobResultSummary, JobStore, NewJob } from '../store/job-store.ts';
+import type { JobRecord, JobResultSummary, JobStore, NewJob, ReplyRoute } from '../store/job-store.ts';
 import type { BotConfig } from './config.ts';
 import { JobMessenger, type MessengerOptions } from './job-messenger.ts';
 import { JobReporter } from './job-reporter.ts';
@@ -55,6 +55,22 @@ interface RunOutput {
 }
 
 const JOB_ID_ALPHABET = 'abcdefghijkmnopqrstuvwxyz23456789';
+
+/** The reply route of a job answered through its interaction (edits while the token lives). */
+export function interactionRoute(interaction: {
+  applicationId: string;
+  id: string;
+  token: string;
+  createdTimestamp: number;
+}): ReplyRoute {
+  return {
+    type: 'interaction',
+    applicationId: interaction.applicationId,
+    interactionId: interaction.id,
+    token: interaction.token,
+    tokenIssuedAt: interaction.createdTimestamp,
+  };
+}
 
 /** Short, unambiguous ids (they appear in /queue, /cancel and file names). */
 export function newJobId(): string {

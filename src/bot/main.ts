@@ -2,21 +2,12 @@
 import { config as loadDotenv } from 'dotenv';
 import { startEnginePool } from '../worker/engine-pool.ts';
 import { startBot } from './bot.ts';
-import { ConfigError, loadConfig, type BotConfig } from './config.ts';
+import { loadConfigOrExit } from './config.ts';
 import { createLogger } from './logger.ts';
 
 async function main(): Promise<void> {
   loadDotenv({ quiet: true });
-  let config: BotConfig;
-  try {
-    config = loadConfig(process.env);
-  } catch (error) {
-    if (error instanceof ConfigError) {
-      console.error(error.message);
-      process.exit(1);
-    }
-    throw error;
-  }
+  const config = loadConfigOrExit(process.env);
   const logger = createLogger({ level: config.logLevel, secrets: [config.discordToken] });
   process.on('unhandledRejection', (reason) => logger.error({ err: reason }, 'unhandled rejection'));
 
