@@ -115,7 +115,7 @@ def test_masked_ensemble_at_init_averages_only_present_experts():
     assert torch.allclose(out, reference, atol=1e-5, rtol=1e-4)
     # one expert left: the ensemble is exactly that expert's own forward
     single, _ = ensemble(sample, timestep, ehs, torch.tensor([0.0, 0.0, 1.0]))
-    assert torch.allclose(single, unets[2](sample, timestep, ehs[2]), atol=1e-6)
+    assert torch.allclose(single, unets[2](sample, timestep, ehs[2]), atol=1e-5, rtol=1e-4)  # BLAS-dependent summation order
     # per-sample masks: row b uses its own subset
     rows, _ = ensemble(sample, timestep, ehs, torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]))
     assert torch.allclose(rows[0], out[0], atol=1e-6) and torch.allclose(rows[1], single[1], atol=1e-6)
