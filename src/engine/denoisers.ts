@@ -151,6 +151,8 @@ export class MergeDenoiser implements Denoiser {
 export class AfaDenoiser implements Denoiser {
   readonly mode = 'afa' as const;
   private readonly mask: Float32Array | undefined;
+  /** Stacked `[N, batch, 77, D]` text per conditioning map: built once per generation, not per step. */
+  private readonly stackedText = new WeakMap<Map<string, Conditioning>, { per: Conditioning[]; stacked: FloatTensor }>();
 
   constructor(
     readonly ensemble: EnsembleEntry,
@@ -174,14 +176,19 @@ export class AfaDenoiser implements Denoiser {
   }
 
   async predict(sample: FloatTensor, t: number, text: Map<string, Conditioning>): Promise<DenoiseOutput> {
-    const per = this.allExperts.map((e) => text.get(e.id) ?? textFor(text, this.experts[0].id));
-    const [batch, tokens, dim] = per[0].hidden.dims;
-    const stacked = concatAll(per.map((p) => p.hidden.data));
+    let cached = this.stackedText.get(text);
+    if (!cached) {
+      const per = this.allExperts.map((e) => text.get(e.id) ?? textFor(text, this.experts[0].id));
+      const data = concatAll(per.map((p) => p.hidden.data));
+      cached = { per, stacked: { data, dims: [per.length, ...per[0].hidden.dims] } };
+      this.stackedText.set(text, cached);
+    }
+    const { per, stacked } = cached;
     const s = this.session;
     const feeds: Record<string, ReturnType<GraphSession['tensor']>> = {
       sample: s.tensor('sample', sample),
       timestep: s.timestepTensor('timestep', t, sample.dims[0]),
-      encoder_hidden_states: s.tensor('encoder_hidden_states', { data: stacked, dims: [per.length, batch, tokens, dim] }),
+      encoder_hidden_states: s.tensor('encoder_hidden_states', stacked),
     };
     if (this.mask) feeds.expert_mask = s.tensor('expert_mask', { data: this.mask, dims: [this.mask.length] });
     addOptionalInputs(s, feeds, per, true);
