@@ -12,7 +12,7 @@ import type { ContributionMaps, PackageInfo, RgbImage } from '../src/engine/api.
 import { Engine } from '../src/engine/pipeline.ts';
 import { argmax, parseClassifierMeta, toClassifierInput, type ImageReader, type Reading } from '../src/eval/classifier.ts';
 import { featureStats, frechetDistance, sqrtPsd, symmetricEigen } from '../src/eval/frechet.ts';
-import { defaultPromptSet, familyOrders, fullPromptSet, quickPromptSet, type EvalPrompt } from '../src/eval/prompts.ts';
+import { smallPromptSet, familyOrders, fullPromptSet, quickPromptSet, type EvalPrompt } from '../src/eval/prompts.ts';
 import { floorAt, parseReference } from '../src/eval/reference.ts';
 import { ANALYSIS_END, ANALYSIS_START, extractAnalysis, formatDistance, renderReport, type ReportInput } from '../src/eval/report.ts';
 import { evalModes, runMode } from '../src/eval/run.ts';
@@ -44,7 +44,7 @@ describe('prompt set', () => {
     assert.ok(full.every((p) => p.seed === 1000 + p.id));
     assert.equal(full.filter((p) => p.kind === 'single').length, 108);
     assert.ok(full.slice(108).every((p) => p.kind === 'pair'));
-    for (const [subset, singles, pairs] of [[defaultPromptSet(), 36, 24], [quickPromptSet(), 6, 2]] as const) {
+    for (const [subset, singles, pairs] of [[smallPromptSet(), 36, 24], [quickPromptSet(), 6, 2]] as const) {
       assert.equal(subset.filter((p) => p.kind === 'single').length, singles);
       assert.equal(subset.filter((p) => p.kind === 'pair').length, pairs);
       for (const p of subset) assert.deepEqual(p, full[p.id]);
@@ -89,7 +89,7 @@ describe('prompt set', () => {
       }
       return objects;
     };
-    check(defaultPromptSet().filter((p) => p.kind === 'single'), 1);
+    check(smallPromptSet().filter((p) => p.kind === 'single'), 1);
     const full = check(fullPromptSet().filter((p) => p.kind === 'single'), 3);
     // in the full set each shape × colour is drawn on every background
     for (const [combo, n] of count(full, (o) => `${o.shape} ${o.colour} ${o.background}`)) assert.equal(n, 1, combo);
@@ -117,11 +117,11 @@ describe('prompt set', () => {
       }
       assert.equal(new Set(pairs.map((p) => p.scene.background)).size, BACKGROUNDS.length);
     };
-    const byDefault = defaultPromptSet().filter((p) => p.kind === 'pair');
-    check(byDefault, 4);
+    const bySmall = smallPromptSet().filter((p) => p.kind === 'pair');
+    check(bySmall, 4);
     check(fullPromptSet().filter((p) => p.kind === 'pair'), 6);
-    // the default set holds each ordered family pair's four shape combinations
-    assert.equal(new Set(byDefault.map((p) => p.scene.objects.map((o) => o.shape).join('+'))).size, familyOrders().length * 4);
+    // the small set holds each ordered family pair's four shape combinations
+    assert.equal(new Set(bySmall.map((p) => p.scene.objects.map((o) => o.shape).join('+'))).size, familyOrders().length * 4);
   });
 });
 
@@ -373,7 +373,7 @@ describe('targets and report', () => {
       packageLabel: 'demo@1.0.0',
       date: '2026-01-01 00:00:00 UTC',
       command: 'npm run eval',
-      promptSet: { name: 'default', single: 36, pair: 24 },
+      promptSet: { name: 'full', single: 108, pair: 36 },
       generation: { steps: 20, guidance: 5, scheduler: 'ddim', width: 64, height: 64 },
       machine: { cpu: 'Test CPU', cores: 2, node: '20', threads: 1, jobs: 2, provider: 'cpu' },
       totalSeconds: 600,

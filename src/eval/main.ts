@@ -1,4 +1,4 @@
-// `npm run eval [-- --model-dir DIR] [--quick | --full] [--out docs/results.md]`: the demo zoo's
+// `npm run eval [-- --model-dir DIR] [--quick | --small] [--out docs/results.md]`: the demo zoo's
 // table (every mode, scored by the package's attribute classifier), targets and figures.
 import path from 'node:path';
 import { parseArgs } from 'node:util';
@@ -7,11 +7,11 @@ import type { ExecutionProvider } from '../engine/onnx-session.ts';
 import { runEvaluation } from './evaluate.ts';
 import type { PromptSetName } from './prompts.ts';
 
-const USAGE = `usage: npm run eval -- [--model-dir DIR] [--quick | --full] [--out FILE.md] [--steps N] [--ensemble ID] [--jobs N] [--threads N]
+const USAGE = `usage: npm run eval -- [--model-dir DIR] [--quick | --small] [--out FILE.md] [--steps N] [--ensemble ID] [--jobs N] [--threads N]
 
   --quick   6 single-object + 2 two-object prompts (a smoke test)
-  (default) 36 single-object + 24 two-object prompts (about 15 min on 2 CPU cores for the demo)
-  --full    108 single-object + 36 two-object prompts
+  (default) 108 single-object + 36 two-object prompts (about 10 min for the demo on 2 idle CPU cores)
+  --small   36 single-object + 24 two-object prompts (for a busy machine)
   --out     the report (default docs/results.md); figures go to the folder of the same name
   --jobs    engine threads generating at once (default: one per CPU core; 1 with EXECUTION_PROVIDER=cuda)
   --threads onnxruntime threads per engine (default: cores / jobs)`;
@@ -23,7 +23,7 @@ async function main(): Promise<void> {
     options: {
       'model-dir': { type: 'string' },
       quick: { type: 'boolean' },
-      full: { type: 'boolean' },
+      small: { type: 'boolean' },
       out: { type: 'string' },
       steps: { type: 'string' },
       ensemble: { type: 'string' },
@@ -36,8 +36,8 @@ async function main(): Promise<void> {
     process.stdout.write(USAGE + '\n');
     return;
   }
-  if (values.quick && values.full) throw new UsageError('Give --quick or --full, not both.');
-  const promptSet: PromptSetName = values.quick ? 'quick' : values.full ? 'full' : 'default';
+  if (values.quick && values.small) throw new UsageError('Give --quick or --small, not both.');
+  const promptSet: PromptSetName = values.quick ? 'quick' : values.small ? 'small' : 'full';
   const steps = parseNumber('steps', values.steps);
   if (steps !== undefined && (!Number.isInteger(steps) || steps < 1)) throw new UsageError('--steps must be a positive integer.');
   const threads = parseNumber('threads', values.threads);

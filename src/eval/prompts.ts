@@ -24,12 +24,12 @@ export interface EvalPrompt {
 }
 
 const SEED_BASE = 1000;
-/** In the full set each shape × colour appears this many times (the default set: once). */
+/** In the full set each shape × colour appears this many times (the small set: once). */
 const SINGLE_REPEATS = 3;
-/** Two-object prompts per ordered family pair in the full set (the default set: 4, one per shape combination). */
+/** Two-object prompts per ordered family pair in the full set (the small set: 4, one per shape combination). */
 const PAIRS_PER_FAMILY_ORDER = 6;
-const DEFAULT_SINGLE_REPEATS = 1;
-const DEFAULT_PAIRS_PER_ORDER = 4;
+const SMALL_SINGLE_REPEATS = 1;
+const SMALL_PAIRS_PER_ORDER = 4;
 
 type PromptDraft = Omit<EvalPrompt, 'id' | 'seed'> & { round: number };
 
@@ -118,15 +118,15 @@ function strip({ round: _round, ...prompt }: EvalPrompt & { round: number }): Ev
   return prompt;
 }
 
-/** The full set: 108 single-object prompts (ids 0–107), then 36 pairs (108–143); seed = 1000 + id. */
+/** The full set (the default): 108 single-object prompts (ids 0–107), then 36 pairs (108–143); seed = 1000 + id. */
 export function fullPromptSet(): EvalPrompt[] {
   return numbered().map(strip);
 }
 
-/** The default set, sized for about 15 minutes on two CPU cores: the first round of single-object prompts (36) and four rounds of pairs (24). */
-export function defaultPromptSet(): EvalPrompt[] {
+/** A smaller set for a busy machine: the first round of single-object prompts (36) and four rounds of pairs (24). */
+export function smallPromptSet(): EvalPrompt[] {
   return numbered()
-    .filter((p) => p.round < (p.kind === 'single' ? DEFAULT_SINGLE_REPEATS : DEFAULT_PAIRS_PER_ORDER))
+    .filter((p) => p.round < (p.kind === 'single' ? SMALL_SINGLE_REPEATS : SMALL_PAIRS_PER_ORDER))
     .map(strip);
 }
 
@@ -142,8 +142,8 @@ export function quickPromptSet(): EvalPrompt[] {
   return [...singles, ...pairs];
 }
 
-export type PromptSetName = 'quick' | 'default' | 'full';
+export type PromptSetName = 'quick' | 'small' | 'full';
 
 export function promptSetByName(name: PromptSetName): EvalPrompt[] {
-  return name === 'quick' ? quickPromptSet() : name === 'full' ? fullPromptSet() : defaultPromptSet();
+  return name === 'quick' ? quickPromptSet() : name === 'small' ? smallPromptSet() : fullPromptSet();
 }
