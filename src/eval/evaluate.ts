@@ -66,25 +66,38 @@ function showcase(prompts: EvalPrompt[]): { panel?: EvalPrompt; grid: EvalPrompt
   return { panel: pairs[0], grid: [single, ...pairs.slice(0, 2)].filter((p): p is EvalPrompt => p !== undefined) };
 }
 
-function perPromptData(runs: ModeRun[], prompts: EvalPrompt[]) {
-  return {
-    prompts: prompts.map((p) => ({ id: p.id, kind: p.kind, seed: p.seed, text: p.text })),
-    modes: runs.map((run) => ({
-      key: run.mode.key,
-      label: run.mode.label,
-      seconds: Math.round(run.seconds * 10) / 10,
-      outcomes: run.outcomes.map((o) => ({
+const SINGLE_HEADS = ['background', 'count', 'colour', 'shape', 'size', 'position'];
+
+/** The heads that score a prompt of this kind (pairs: background, count and the per-half heads). */
+function relevantLabels(labels: Record<string, string>, kind: EvalPrompt['kind']): Record<string, string> {
+  const keep = (head: string) => (kind === 'single' ? SINGLE_HEADS.includes(head) : head === 'background' || head === 'count' || /^(left|right)_/.test(head));
+  return Object.fromEntries(Object.entries(labels).filter(([head]) => keep(head)));
+}
+
+/** Per-prompt readings as JSON with one prompt or outcome per line (small diffs between runs). */
+function perPromptJson(runs: ModeRun[], prompts: EvalPrompt[], byId: Map<number, EvalPrompt>): string {
+  const round = (x: number) => Math.round(x * 1000) / 1000;
+  const lines = prompts.map((p) => JSON.stringify({ id: p.id, kind: p.kind, seed: p.seed, text: p.text }));
+  const modes = runs.map((run) => {
+    const outcomes = run.outcomes.map((o) =>
+      JSON.stringify({
         id: o.promptId,
         full: o.score.full,
-        wrong: Object.entries(o.score.stated)
-          .filter(([a, n]) => o.score.correct[a as keyof typeof o.score.correct] < n)
-          .map(([a]) => a),
-        read: o.labels,
-        ...(o.shares ? { shares: o.shares.map((x) => Math.round(x * 1000) / 1000) } : {}),
-        ...(o.routing ? { routing: o.routing.map((x) => Math.round(x * 1000) / 1000) } : {}),
-      })),
-    })),
-  };
+        wrong: [
+          ...(o.score.countRight ? [] : ['count']),
+          ...Object.entries(o.score.stated)
+            .filter(([a, n]) => o.score.correct[a as keyof typeof o.score.correct] < n)
+            .map(([a]) => a),
+        ],
+        read: relevantLabels(o.labels, byId.get(o.promptId)!.kind),
+        ...(o.shares ? { shares: o.shares.map(round) } : {}),
+        ...(o.routing ? { routing: o.routing.map(round) } : {}),
+      }),
+    );
+    const head = JSON.stringify({ key: run.mode.key, label: run.mode.label, seconds: Math.round(run.seconds * 10) / 10 }).slice(0, -1);
+    return `  ${head}, "outcomes": [\n    ${outcomes.join(',\n    ')}\n  ]}`;
+  });
+  return `{"prompts": [\n  ${lines.join(',\n  ')}\n],\n"modes": [\n${modes.join(',\n')}\n]}\n`;
 }
 
 export async function runEvaluation(options: EvaluationOptions): Promise<EvaluationResult> {
@@ -171,7 +184,7 @@ export async function runEvaluation(options: EvaluationOptions): Promise<Evaluat
       figures.grid = { file: relative(file), prompts: shown.grid.map((p) => p.text), modes: runs.map((r) => r.mode.label) };
     }
     const perPromptFile = path.join(figuresDir, 'per-prompt.json');
-    await writeFile(perPromptFile, JSON.stringify(perPromptData(runs, prompts), null, 1) + '\n');
+    await writeFile(perPromptFile, perPromptJson(runs, prompts, byId));
     files.push(perPromptFile);
 
     let analysis: string | null = null;
