@@ -28,6 +28,13 @@ def test_smoke_recipe_is_small_and_keeps_the_full_structure():
     assert smoke["world"]["n_all"] < 1000 and smoke["base"]["steps"] <= 5
 
 
+@pytest.mark.parametrize("device,smoke,side", [("cpu", False, 16), ("cuda", False, 32), ("cpu", True, 32)])
+def test_unet_sample_size_is_the_vae_latent_side(device, smoke, side):
+    r = demo_config.recipe(device, smoke)
+    levels = len(r["vae"]["config"]["block_out_channels"])
+    assert r["unet"]["sample_size"] == side == shapes.IMAGE_SIZE // 2 ** (levels - 1)
+
+
 def _build(tmp_path, **overrides):
     recipe = demo_config.recipe("cpu", smoke=True)
     for key, value in overrides.items():
