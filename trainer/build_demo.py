@@ -4,7 +4,7 @@ Stages (in order; each needs the ones before it that it reads):
     world          rendered scenes: all shapes, and each family alone (tensor files)
     classifier     the attribute classifier (scores everything after it)
     tokenizer      CLIP BPE trained on the captions
-    vae            f = 2 VAE; its reconstructions are scored by the classifier; latent scale; latents
+    vae            the VAE (f = 4 on a CPU, f = 2 on a GPU); its reconstructions are scored by the classifier; latent scale; latents
     base           text encoder + base U-Net on the whole world
     expert-curves, expert-blocks, expert-spikes    the base fine-tuned on one family each
     afa            the SABW aggregators of `trio` over the three experts (expert dropout)
