@@ -12,6 +12,8 @@ Stages (in order; each needs the ones before it that it reads):
 
 Every training stage has a time budget (trainer/demo_config.py), checkpoints every few minutes
 and resumes where it stopped: run the command again and it continues with the unfinished stage.
+A finished stage is never trained again unless `--extend STAGE=MIN` gives it more time (it goes
+on from its checkpoint, or from its final weights after --unbundle; what depends on it is rebuilt).
 State lives in trainer/runs/demo/ (state.json, one folder per stage, logs/<stage>.json and
 build_log.md with losses, adherence measured by the classifier on sampled images, minutes and
 the machine's load).
@@ -19,6 +21,7 @@ the machine's load).
     python3 -m trainer.build_demo [--device cpu|cuda] [--stage NAME ...] [--smoke] [--redo]
                                   [--run-dir DIR] [--out DIR] [--time-scale X] [--threads N]
                                   [--skip NAME ...] [--bundle FILE.tar] [--unbundle FILE.tar]
+                                  [--extend STAGE=MIN ...]
 
 A bundle is a tar of the finished stages' products (weights in float16, tokenizer, logs, state),
 without data, optimizer states or checkpoints: what a GPU host sends back, or what is committed so
@@ -50,7 +53,8 @@ from trainer import demo_config, shapes
 from trainer.afa import AFAEnsemble, contribution_map
 from trainer.bpe import CLIPTokenizer, train_bpe
 from trainer.checkpoint_io import load_safetensors, load_safetensors_metadata, save_safetensors
-from trainer.checkpointing import load_aggregators, load_text_encoder, load_unet, load_vae, save_vae
+from trainer.checkpointing import (latest_checkpoint, load_aggregators, load_text_encoder, load_unet, load_vae,
+                                  save_vae)
 from trainer.data import write_png
 from trainer.sampler import decode_latents, sample
 from trainer.text_encoder import CLIPTextEncoder, TextEncoderConfig
@@ -170,21 +174,54 @@ class DemoBuild:
         key = BUDGET_KEY.get(name)
         if key is None:
             return None
-        return max(0.0, float(self.r[key]["minutes"]) - float(self.stage_state(name)["minutes"]))
+        st = self.stage_state(name)
+        total = max(float(self.r[key]["minutes"]), float(st.get("extended_to", 0.0)))
+        return max(0.0, total - float(st["minutes"]))
 
-    def redo(self, name: str) -> None:
-        """Forget a stage (and everything after it that depends on it) and delete its outputs."""
+    @staticmethod
+    def dependents(name: str) -> List[str]:
+        """The stages that read `name`'s products, directly or through others (in build order)."""
         doomed = {name}
         for stage in STAGES:
             if any(d in doomed for d in DEPENDS[stage]):
                 doomed.add(stage)
-        for stage in doomed:
+        return [s for s in STAGES if s in doomed and s != name]
+
+    def _forget(self, stages: Sequence[str]) -> None:
+        """Drops the stages' state and deletes their folders (checkpoints included, so nothing resumes)."""
+        for stage in stages:
             self.state["stages"].pop(stage, None)
-        folder = self.path(name)
-        if os.path.isdir(folder):
-            shutil.rmtree(folder)
+            folder = self.path(stage)
+            if os.path.isdir(folder):
+                shutil.rmtree(folder)
         self._cache.clear()
         self.save_state()
+
+    def redo(self, name: str) -> None:
+        """Forget a stage (and everything after it that depends on it) and delete its outputs."""
+        self._forget([name] + self.dependents(name))
+
+    def extend(self, name: str, minutes: float) -> None:
+        """Gives a training stage `minutes` more: it goes on from its newest checkpoint, or from its
+        final weights where there is none (after --unbundle on another machine). The stages that
+        depend on it are forgotten, since they were trained on its old products."""
+        if name not in BUDGET_KEY:
+            raise ValueError(f"only training stages can be extended ({', '.join(BUDGET_KEY)}), got {name!r}")
+        st = self.stage_state(name)
+        if st["status"] == "pending":
+            raise ValueError(f"stage {name!r} has not run yet: there is nothing to extend")
+        st["status"] = "partial"
+        st["extended_to"] = float(st["minutes"]) + float(minutes)
+        self._forget(self.dependents(name))
+
+    def continue_from(self, name: str) -> Optional[str]:
+        """The final weights an extended stage starts from when it has no checkpoint to resume."""
+        final = self.path(name, "final")
+        st = self.stage_state(name)
+        if "extended_to" in st and latest_checkpoint(self.path(name)) is None and os.path.isdir(final):
+            self.log(f"{name}: no checkpoint here; going on from its final weights")
+            return final
+        return None
 
     def run(self, stages: Optional[Sequence[str]] = None) -> None:
         for name in stages or STAGES:
@@ -475,7 +512,8 @@ class DemoBuild:
 
         v = self.r["vae"]
         torch.manual_seed(self.r["seed"])
-        vae = AutoencoderKL(VAEConfig(**v["config"]))
+        earlier = self.continue_from("vae")
+        vae = load_vae(earlier, self.device) if earlier else AutoencoderKL(VAEConfig(**v["config"]))
         world = self.world("all")
         images = world.images.to(self.device) if self.cuda else world.images
         data = TensorExamples(images, world.captions, to_signed)
@@ -552,6 +590,9 @@ class DemoBuild:
         if unet_config.get("class_embed_type") == "projection":
             unet_config["projection_class_embeddings_input_dim"] = te_config.hidden_size
         unet = UNet2DConditionModel(UNetConfig(**unet_config))
+        earlier = self.continue_from("base")
+        if earlier:
+            unet, text_encoder = load_unet(earlier), load_text_encoder(earlier)
         eval_all = self.eval_batch(None, self.r["eval"]["n"])
 
         def evaluate(step: int) -> Dict[str, Any]:
@@ -591,7 +632,7 @@ class DemoBuild:
 
         name = f"expert-{family}"
         tok = self.tokenizer()
-        unet = load_unet(self.path("base", "final"))
+        unet = load_unet(self.continue_from(name) or self.path("base", "final"))
         text_encoder = load_text_encoder(self.path("base", "final"))
         n = self.r["eval"]["n"]
         eval_family = self.eval_batch([family], n, seed_offset=1)
@@ -624,6 +665,9 @@ class DemoBuild:
         tok = self.tokenizer()
         text_encoder = load_text_encoder(self.path("base", "final"))
         ensemble = self.build_ensemble(self.load_experts())
+        earlier = self.continue_from("afa")
+        if earlier:
+            load_aggregators(ensemble, earlier)
         n = self.r["eval"]["n"]
         eval_all = self.eval_batch(None, n, seed_offset=2)
         eval_pairs = cross_family_pairs(self.eval_batch(None, max(4, n // 2), two_object_prob=1.0, seed_offset=3))
@@ -741,6 +785,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--time-scale", type=float, default=1.0, help="multiply every stage's time budget")
     parser.add_argument("--minutes", action="append", default=[], metavar="STAGE=MIN",
                         help="set one stage's total time budget (classifier, vae, base, expert, afa); repeatable")
+    parser.add_argument("--extend", action="append", default=[], metavar="STAGE=MIN",
+                        help="give a finished training stage MIN more minutes (it goes on from where it ended; "
+                             "the stages after it are built again); repeatable")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--bundle", help="afterwards, write the finished products to this tar (float16 weights)")
     parser.add_argument("--unbundle", help="first, unpack a bundle into the run folder")
@@ -765,6 +812,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             build.redo(name)
     if args.unbundle:
         build.log(f"unpacked {len(build.read_bundle(args.unbundle))} files from {args.unbundle}")
+    for item in args.extend:
+        key, _, value = item.partition("=")
+        try:
+            build.extend(key, float(value))
+        except ValueError as err:
+            parser.error(f"--extend {item}: {err}")
+        build.log(f"{key}: {float(value):g} more minutes; {', '.join(build.dependents(key))} will be built again")
     started = time.monotonic()
     try:
         build.run([s for s in (args.stage or STAGES) if s not in args.skip])

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -108,6 +109,46 @@ def test_time_budget_ends_a_stage_and_an_interrupted_stage_resumes(tmp_path, cap
     assert "resumed from" in capsys.readouterr().out
     runs = json.load(open(build.path("logs", "vae.json")))
     assert runs[-1]["steps"] == first["steps"] + 2 and runs[-1]["minutes_total"] > first["minutes_total"]
+
+
+def test_extend_goes_on_from_the_checkpoint_or_from_final_weights_and_rebuilds_dependents(tmp_path):
+    build, lines = _build(tmp_path, base={"steps": 2, "minutes": 0.5}, expert={"steps": 1})
+    build.run(["world", "classifier", "tokenizer", "vae", "base", "expert-curves"])
+    assert build.done("expert-curves") and os.path.isdir(build.path("expert-curves"))
+    assert build.dependents("base") == ["expert-curves", "expert-blocks", "expert-spikes", "afa", "export"]
+    with pytest.raises(ValueError, match="nothing to extend"):
+        build.extend("afa", 1.0)
+    with pytest.raises(ValueError, match="training stages"):
+        build.extend("tokenizer", 1.0)
+
+    build.r["base"]["steps"] = 3
+    build.extend("base", 5.0)
+    assert not build.done("base") and build.budget_left("base") == pytest.approx(5.0)
+    assert "expert-curves" not in build.state["stages"] and not os.path.exists(build.path("expert-curves"))
+    build.run(["base"])
+    runs = json.load(open(build.path("logs", "base.json")))
+    assert build.done("base") and runs[-1]["steps"] == 3  # resumed from the step-2 checkpoint
+
+    # on a machine with only the final weights (a bundle), the stage starts from them
+    final = {k: v.clone() for k, v in build_demo.load_unet(build.path("base", "final")).state_dict().items()}
+    shutil.rmtree(build.path("base", "checkpoints"))
+    build.extend("base", 5.0)
+    started = {}
+    original = build_demo.load_unet
+
+    def spy(path, *args, **kwargs):
+        unet = original(path, *args, **kwargs)
+        started.update({k: v.clone() for k, v in unet.state_dict().items()})
+        return unet
+
+    build_demo.load_unet = spy
+    try:
+        build.run(["base"])
+    finally:
+        build_demo.load_unet = original
+    assert any("going on from its final weights" in line for line in lines)
+    assert started.keys() == final.keys() and all(torch.equal(started[k], final[k]) for k in final)
+    assert json.load(open(build.path("logs", "base.json")))[-1]["steps"] == 3
 
 
 def test_cross_family_pairs_and_routing_share():
