@@ -175,7 +175,7 @@ class DemoBuild:
         if key is None:
             return None
         st = self.stage_state(name)
-        total = max(float(self.r[key]["minutes"]), float(st.get("extended_to", 0.0)))
+        total = float(st["extended_to"]) if "extended_to" in st else float(self.r[key]["minutes"])
         return max(0.0, total - float(st["minutes"]))
 
     @staticmethod

@@ -112,7 +112,7 @@ def test_time_budget_ends_a_stage_and_an_interrupted_stage_resumes(tmp_path, cap
 
 
 def test_extend_goes_on_from_the_checkpoint_or_from_final_weights_and_rebuilds_dependents(tmp_path):
-    build, lines = _build(tmp_path, base={"steps": 2, "minutes": 0.5}, expert={"steps": 1})
+    build, lines = _build(tmp_path, base={"steps": 2}, expert={"steps": 1})
     build.run(["world", "classifier", "tokenizer", "vae", "base", "expert-curves"])
     assert build.done("expert-curves") and os.path.isdir(build.path("expert-curves"))
     assert build.dependents("base") == ["expert-curves", "expert-blocks", "expert-spikes", "afa", "export"]
