@@ -56,6 +56,7 @@ from trainer.checkpoint_io import load_safetensors, load_safetensors_metadata, s
 from trainer.checkpointing import (latest_checkpoint, load_aggregators, load_text_encoder, load_unet, load_vae,
                                   save_vae)
 from trainer.data import write_png
+from trainer.eval_reference import write_reference
 from trainer.sampler import decode_latents, sample
 from trainer.text_encoder import CLIPTextEncoder, TextEncoderConfig
 from trainer.unet import UNet2DConditionModel, UNetConfig, count_parameters
@@ -713,6 +714,8 @@ class DemoBuild:
             blob = torch.load(self.path("classifier", "classifier.pt"))
             clf.export_classifier_onnx(classifier, os.path.join(self.out_dir, "eval", "classifier.onnx"),
                                        accuracy=blob.get("accuracy"), fp16=ex["fp16"])
+            torch.manual_seed(self.r["seed"])
+            write_reference(classifier, os.path.join(self.out_dir, "eval"), **self.r["reference"])
         finally:
             torch.set_grad_enabled(True)
         shutil.copyfile(self.path("build_log.md"), os.path.join(self.out_dir, "eval", "build_log.md"))

@@ -82,6 +82,8 @@ _FULL: Dict[str, Any] = {
             "caption_dropout": 0.1, "minutes": 180.0},
     # adherence of sampled images, measured with the classifier at every checkpoint
     "eval": {"n": 64, "steps": 20, "guidance": 5.0, "seed": 1234},
+    # rendered scenes whose classifier features `npm run eval`'s Fréchet distance compares against
+    "reference": {"n_single": 4000, "n_pair": 2000},
     "checkpoint_minutes": 5.0,
     "export": {"fp16": True, "check": "auto"},
     "package": {
@@ -136,6 +138,7 @@ _SMOKE_OVERRIDES: Dict[str, Any] = {
     "expert": {"steps": 2, "batch_size": 4},
     "afa": {"hidden": 16, "heads": 2, "head_dim": 8, "steps": 2, "batch_size": 2},
     "eval": {"n": 4, "steps": 2},
+    "reference": {"n_single": 48, "n_pair": 24},
     "export": {"fp16": True, "check": False},
 }
 

@@ -151,6 +151,20 @@ def test_extend_goes_on_from_the_checkpoint_or_from_final_weights_and_rebuilds_d
     assert json.load(open(build.path("logs", "base.json")))[-1]["steps"] == 3
 
 
+def test_smoke_build_to_the_package_with_the_evaluation_files(tmp_path):
+    build, _ = _build(tmp_path)
+    build.run()
+    assert build.done("export")
+    pkg = tmp_path / "pkg"
+    manifest = json.load(open(pkg / "manifest.json"))
+    assert [e["id"] for e in manifest["experts"]] == list(build_demo.FAMILIES)
+    assert manifest["ensembles"][0]["id"] == "trio" and manifest["latent"]["downsample"] == 2
+    for name in ("classifier.onnx", "classifier.json", "build_log.md", "reference_features.json"):
+        assert (pkg / "eval" / name).is_file(), name
+    reference = json.load(open(pkg / "eval" / "reference_features.json"))
+    assert {"single", "pair"} <= set(reference["sets"])
+
+
 def test_cross_family_pairs_and_routing_share():
     batch = shapes.sample_batch(64, seed=4, two_object_prob=1.0, omit_prob=0.0)
     pairs = build_demo.cross_family_pairs(batch)
