@@ -1,0 +1,63 @@
+// The shipped default, models/demo: it loads, its ensemble runs with any two of its experts, and the
+// package's own attribute classifier reads back what the prompt asked for (the easy attributes:
+// the full adherence table is `npm run eval`'s job, docs/results.md).
+import assert from 'node:assert/strict';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import type { GenerateRequest } from '../src/engine/api.ts';
+import { Engine } from '../src/engine/pipeline.ts';
+import { AttributeClassifier } from '../src/eval/classifier.ts';
+
+const DEMO = path.resolve('models/demo');
+
+describe('the demo package (models/demo)', () => {
+  let engine: Engine;
+  let classifier: AttributeClassifier;
+  before(async () => {
+    engine = await Engine.load(DEMO);
+    classifier = await AttributeClassifier.load(path.join(DEMO, 'eval'), 1);
+  });
+  after(async () => {
+    await engine.dispose();
+    await classifier.dispose();
+  });
+
+  test('lists the three experts, the trio ensemble and a display size for Discord', () => {
+    const info = engine.info();
+    assert.deepEqual(info.experts.map((e) => e.id), ['curves', 'blocks', 'spikes']);
+    for (const expert of info.experts) assert.ok(expert.description && expert.description.length > 10);
+    assert.deepEqual(info.ensembles.map((e) => [e.id, e.experts, e.subsets]), [['trio', ['curves', 'blocks', 'spikes'], true]]);
+    assert.deepEqual([info.defaults.width, info.defaults.height], [64, 64]);
+  });
+
+  test('the classifier reads back the background, colour and size that the prompt states', async () => {
+    const cases: [GenerateRequest, Record<string, string>][] = [
+      [{ prompt: 'a large red circle in the center, white background', mode: 'afa', ensemble: 'trio', seed: 1 },
+        { background: 'white', colour: 'red', size: 'large', count: 'one' }],
+      [{ prompt: 'a large blue square in the center, black background', mode: 'single', experts: ['blocks'], seed: 2 },
+        { background: 'black', colour: 'blue', size: 'large', count: 'one' }],
+      [{ prompt: 'a large yellow star in the center, gray background', mode: 'afa', ensemble: 'trio', experts: ['blocks', 'spikes'], seed: 3 },
+        { background: 'gray', colour: 'yellow', size: 'large', count: 'one' }],
+    ];
+    for (const [request, expected] of cases) {
+      const result = await engine.generate(request);
+      const [reading] = await classifier.classify([result.images[0].image]);
+      const read = Object.fromEntries(Object.keys(expected).map((k) => [k, reading.labels[k]]));
+      assert.deepEqual(read, expected, `"${request.prompt}" (${request.mode}${request.experts ? ' ' + request.experts.join('+') : ''})`);
+    }
+  });
+
+  test('the trio reports per-pixel contributions of its three experts', async () => {
+    const r = await engine.generate({
+      prompt: 'a red circle on the left and a blue square on the right, white background',
+      mode: 'afa', ensemble: 'trio', seed: 4, steps: 8, contributions: true,
+    });
+    const maps = r.images[0].contributions!;
+    assert.deepEqual(maps.experts, ['curves', 'blocks', 'spikes']);
+    for (let p = 0; p < maps.width * maps.height; p += 7) {
+      const sum = maps.weights.reduce((s, w) => s + w[p], 0);
+      assert.ok(Math.abs(sum - 1) < 1e-3, `pixel ${p}: weights sum to ${sum}`);
+    }
+    assert.ok(Math.abs(maps.shares.reduce((a, b) => a + b, 0) - 1) < 1e-6);
+  });
+});
