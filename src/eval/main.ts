@@ -10,7 +10,7 @@ import type { PromptSetName } from './prompts.ts';
 const USAGE = `usage: npm run eval -- [--model-dir DIR] [--quick | --small] [--out FILE.md] [--steps N] [--ensemble ID] [--jobs N] [--threads N]
 
   --quick   6 single-object + 2 two-object prompts (a smoke test)
-  (default) 108 single-object + 36 two-object prompts (about 10 min for the demo on 2 idle CPU cores)
+  (default) 108 single-object + 36 two-object prompts (about 3.5 min for the demo on 2 idle CPU cores)
   --small   36 single-object + 24 two-object prompts (for a busy machine)
   --out     the report (default docs/results.md); figures go to the folder of the same name
   --jobs    engine threads generating at once (default: one per CPU core; 1 with EXECUTION_PROVIDER=cuda)
