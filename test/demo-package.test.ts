@@ -28,6 +28,7 @@ describe('the demo package (models/demo)', () => {
     for (const expert of info.experts) assert.ok(expert.description && expert.description.length > 10);
     assert.deepEqual(info.ensembles.map((e) => [e.id, e.experts, e.subsets]), [['trio', ['curves', 'blocks', 'spikes'], true]]);
     assert.deepEqual([info.defaults.width, info.defaults.height], [64, 64]);
+    assert.deepEqual(info.display, { width: 512, height: 512 });
   });
 
   test('the classifier reads back the background, colour and size that the prompt states', async () => {

@@ -584,16 +584,17 @@ class DemoBuild:
 
         tok = self.tokenizer()
         torch.manual_seed(self.r["seed"])
-        te_config = TextEncoderConfig(vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id,
-                                      pad_token_id=tok.eos_token_id, **self.r["text_encoder"])
-        text_encoder = CLIPTextEncoder(te_config)
-        unet_config = dict(self.r["unet"], cross_attention_dim=te_config.hidden_size)
-        if unet_config.get("class_embed_type") == "projection":
-            unet_config["projection_class_embeddings_input_dim"] = te_config.hidden_size
-        unet = UNet2DConditionModel(UNetConfig(**unet_config))
         earlier = self.continue_from("base")
         if earlier:
             unet, text_encoder = load_unet(earlier), load_text_encoder(earlier)
+        else:
+            te_config = TextEncoderConfig(vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id,
+                                          pad_token_id=tok.eos_token_id, **self.r["text_encoder"])
+            text_encoder = CLIPTextEncoder(te_config)
+            unet_config = dict(self.r["unet"], cross_attention_dim=te_config.hidden_size)
+            if unet_config.get("class_embed_type") == "projection":
+                unet_config["projection_class_embeddings_input_dim"] = te_config.hidden_size
+            unet = UNet2DConditionModel(UNetConfig(**unet_config))
         eval_all = self.eval_batch(None, self.r["eval"]["n"])
 
         def evaluate(step: int) -> Dict[str, Any]:
