@@ -57,6 +57,7 @@ from trainer.checkpointing import (latest_checkpoint, load_aggregators, load_tex
                                   save_vae)
 from trainer.data import write_png
 from trainer.eval_reference import write_reference
+from trainer.routing_signal import routing_signal
 from trainer.sampler import decode_latents, sample
 from trainer.text_encoder import CLIPTextEncoder, TextEncoderConfig
 from trainer.unet import UNet2DConditionModel, UNetConfig, count_parameters
@@ -284,6 +285,9 @@ class DemoBuild:
             last = st["runs"][-1]
             measured = _flatten("", last.get("measured", {}), {})
             shown = ", ".join(f"{k} {_fmt(v)}" for k, v in measured.items())
+            signal = next((r["routing_signal"] for r in st["runs"] if r.get("routing_signal")), None)
+            if signal:  # measured once, before the aggregators' first step
+                shown += "; routing gain " + ", ".join(f"{f} {_fmt(v['gain'])}" for f, v in signal.items())
             lines.append(f"| {name} | {st['status']} | {st['minutes']:.2f} | {last.get('steps', '')} | "
                          f"{_fmt(last.get('loss_last', ''))} | {shown} | "
                          f"{'/'.join(str(x) for x in last['load_before'])} → {'/'.join(str(x) for x in last['load_after'])} |")
@@ -666,10 +670,16 @@ class DemoBuild:
 
         tok = self.tokenizer()
         text_encoder = load_text_encoder(self.path("base", "final"))
-        ensemble = self.build_ensemble(self.load_experts())
+        ensemble = self.build_ensemble(self.load_experts()).to(self.device)
         earlier = self.continue_from("afa")
+        signal = None
         if earlier:
             load_aggregators(ensemble, earlier)
+        else:  # fresh aggregators are uniform: what routing could gain over them
+            signal = routing_signal(ensemble, text_encoder, tok, {f: self.latents(f) for f in FAMILIES},
+                                    list(FAMILIES), self.r["scheduler"], self.r["afa"]["signal_n"])
+            self.log("routing signal (own expert vs uniform ensemble loss): " + ", ".join(
+                f"{f} {s['own']:.4f} vs {s['uniform']:.4f} (gain {s['gain']:.1%})" for f, s in signal.items()))
         n = self.r["eval"]["n"]
         eval_all = self.eval_batch(None, n, seed_offset=2)
         eval_pairs = cross_family_pairs(self.eval_batch(None, max(4, n // 2), two_object_prob=1.0, seed_offset=3))
@@ -689,7 +699,10 @@ class DemoBuild:
                            snr_weighting=d["snr_weighting"], snr_gamma=d["snr_gamma"], expert_ids=list(FAMILIES),
                            evaluate=evaluate, **self.train_options("afa", self.path("afa"), budget))
         self._save_samples("afa")
-        return self._training_record(result, budget, {"aggregators": ensemble.count_parameters()})
+        record = self._training_record(result, budget, {"aggregators": ensemble.count_parameters()})
+        if signal is not None:
+            record["routing_signal"] = signal
+        return record
 
     def stage_export(self, _budget) -> Dict[str, Any]:
         from trainer.export import EnsembleSpec, save_package

@@ -79,7 +79,9 @@ _FULL: Dict[str, Any] = {
                "ema_decay": 0.995, "minutes": 90.0},
     "afa": {"hidden": 64, "depth": 1, "heads": 4, "head_dim": 16, "steps": 1_000_000, "batch_size": 16,
             "lr": 5e-4, "warmup_steps": 50, "grad_clip": 1.0, "expert_dropout": 0.3, "expert_min_keep": 2,
-            "caption_dropout": 0.1, "minutes": 180.0},
+            "caption_dropout": 0.1, "minutes": 180.0,
+            # scenes per family for the routing signal measured before training (trainer.routing_signal)
+            "signal_n": 128},
     # adherence of sampled images, measured with the classifier at every checkpoint
     "eval": {"n": 64, "steps": 20, "guidance": 5.0, "seed": 1234},
     # rendered scenes whose classifier features `npm run eval`'s Fréchet distance compares against
@@ -121,6 +123,11 @@ _CUDA_OVERRIDES: Dict[str, Any] = {
 _CPU_OVERRIDES: Dict[str, Any] = {
     "vae": {"config": {"block_out_channels": [32, 64, 64], "layers_per_block": 1, "latent_channels": 4,
                        "norm_num_groups": 16, "mid_block_attention": False}},
+    # Experts must forget the other families for routing to pay: after 6 min at lr 5e-4 (≈ 500 steps) an
+    # expert's loss on its own family was 0.070 and the uniform (untrained) AFA's 0.075, so the aggregator
+    # had almost nothing to gain by routing and stayed uniform (routing 0.34 after 283 steps).
+    "expert": {"lr": 1e-3, "minutes": 12.0},
+    "afa": {"lr": 1e-3, "minutes": 50.0},
 }
 
 # Tiny sizes and a few steps per stage: the whole pipeline in a few minutes on a CPU.
@@ -136,7 +143,7 @@ _SMOKE_OVERRIDES: Dict[str, Any] = {
     "unet": {"block_out_channels": [16, 16, 32], "attention_head_dim": 2, "norm_num_groups": 8},
     "base": {"steps": 3, "batch_size": 4},
     "expert": {"steps": 2, "batch_size": 4},
-    "afa": {"hidden": 16, "heads": 2, "head_dim": 8, "steps": 2, "batch_size": 2},
+    "afa": {"hidden": 16, "heads": 2, "head_dim": 8, "steps": 2, "batch_size": 2, "signal_n": 4},
     "eval": {"n": 4, "steps": 2},
     "reference": {"n_single": 48, "n_pair": 24},
     "export": {"fp16": True, "check": False},

@@ -163,6 +163,9 @@ def test_smoke_build_to_the_package_with_the_evaluation_files(tmp_path):
         assert (pkg / "eval" / name).is_file(), name
     reference = json.load(open(pkg / "eval" / "reference_features.json"))
     assert {"single", "pair"} <= set(reference["sets"])
+    signal = json.load(open(build.path("logs", "afa.json")))[-1]["routing_signal"]
+    assert set(signal) == set(build_demo.FAMILIES)
+    assert all(s["own"] > 0 and s["uniform"] > 0 for s in signal.values())
 
 
 def test_cross_family_pairs_and_routing_share():

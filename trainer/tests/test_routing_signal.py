@@ -1,0 +1,53 @@
+import copy
+
+import torch
+
+from trainer import demo_config
+from trainer.afa import AFAEnsemble
+from trainer.bpe import CLIPTokenizer, train_bpe
+from trainer.build_demo import TensorExamples
+from trainer.routing_signal import routing_signal
+from trainer.text_encoder import CLIPTextEncoder, TextEncoderConfig
+from trainer.unet import UNet2DConditionModel, UNetConfig
+
+CAPTIONS = ["a red circle", "a blue square on the left", "a green star, black background", "a small ring"]
+
+
+def _setup(tmp_path, unets):
+    train_bpe(CAPTIONS, vocab_size=560, out_dir=str(tmp_path))
+    tok = CLIPTokenizer.from_dir(str(tmp_path))
+    text_encoder = CLIPTextEncoder(TextEncoderConfig.tiny(vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id,
+                                                          pad_token_id=tok.eos_token_id))
+    ensemble = AFAEnsemble(unets, hidden=16, depth=1, heads=2, head_dim=8)
+    g = torch.Generator().manual_seed(1)
+    data = {f: TensorExamples(torch.randn(6, 4, 16, 16, generator=g), [CAPTIONS[k % 4] for k in range(6)])
+            for f in ("a", "b")}
+    return ensemble, text_encoder, tok, data
+
+
+@torch.no_grad()
+def test_identical_experts_give_no_routing_signal(tmp_path):
+    torch.manual_seed(3)
+    unet = UNet2DConditionModel(UNetConfig.tiny())
+    ensemble, text_encoder, tok, data = _setup(tmp_path, [copy.deepcopy(unet), copy.deepcopy(unet)])
+    signal = routing_signal(ensemble, text_encoder, tok, data, ["a", "b"], demo_config.SCHEDULER_CONFIG, n=5,
+                            batch_size=2)
+    assert set(signal) == {"a", "b"}
+    for s in signal.values():
+        assert s["own"] > 0
+        assert abs(s["uniform"] - s["own"]) < 1e-5 * s["own"] and abs(s["output_average"] - s["own"]) < 1e-5 * s["own"]
+        assert abs(s["gain"]) < 1e-3
+
+
+@torch.no_grad()
+def test_a_useless_expert_makes_the_other_worth_routing_to(tmp_path):
+    torch.manual_seed(3)
+    good = UNet2DConditionModel(UNetConfig.tiny())
+    bad = copy.deepcopy(good)
+    for p in bad.parameters():
+        p.add_(torch.randn_like(p) * 0.5)
+    ensemble, text_encoder, tok, data = _setup(tmp_path, [good, bad])
+    signal = routing_signal(ensemble, text_encoder, tok, data, ["a", "b"], demo_config.SCHEDULER_CONFIG, n=6)
+    # family "a" is the good expert's: its own loss beats the blend with the noisy copy; "b" is the reverse
+    assert signal["a"]["gain"] > 0 and signal["b"]["gain"] < 0
+    assert signal["a"]["own"] < signal["b"]["own"]
