@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -71,14 +71,44 @@ def routing_signal(ensemble: AFAEnsemble, text_encoder: nn.Module, tokenizer: CL
     return out
 
 
+@torch.no_grad()
+def point_weights(ensemble: AFAEnsemble, text_encoder: nn.Module, tokenizer: CLIPTokenizer,
+                  family_data: Mapping[str, object], scheduler_config: Optional[Mapping[str, object]], n: int = 48,
+                  seed: int = 0) -> Dict[str, List[List[float]]]:
+    """Per family, the mean SABW weight of each expert at each aggregation point (over pixels, scenes and
+    uniform timesteps): rows that barely change between families mean the aggregator routes by layer,
+    not by what is drawn where."""
+    device = next(ensemble.parameters()).device
+    schedule, _ = schedule_from_config(scheduler_config)
+    diffusion = DiffusionLoss(schedule, device, "none")
+    conditioner = TextConditioner(text_encoder.to(device).eval(), tokenizer, device, trainable=False)
+    was_training = ensemble.training
+    ensemble.eval()
+    kwargs_pooled = ensemble.unets[0].class_embedding is not None
+    out: Dict[str, List[List[float]]] = {}
+    try:
+        for family, data in family_data.items():
+            generator = torch.Generator().manual_seed(seed)
+            rows = torch.randperm(len(data.captions), generator=generator)[:n]
+            hidden, pooled, _ = conditioner([data.captions[int(i)] for i in rows])
+            noisy, t, _ = diffusion.noisy_inputs(data.tensors[rows].to(device, torch.float32), generator)
+            _, weights = ensemble(noisy, t, hidden, **({"class_labels": pooled} if kwargs_pooled else {}))
+            out[family] = [[round(float(v), 3) for v in w.float().mean((0, 2, 3))] for w in weights]
+    finally:
+        ensemble.train(was_training)
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from trainer import demo_config
     from trainer.build_demo import FAMILIES, REPO_ROOT, DemoBuild
-    from trainer.checkpointing import load_text_encoder
+    from trainer.checkpointing import load_aggregators, load_text_encoder
 
     parser = argparse.ArgumentParser(description="How much the demo's aggregator can gain by routing (see module doc).")
     parser.add_argument("--run-dir", default=os.path.join(REPO_ROOT, "trainer", "runs", "demo"))
     parser.add_argument("--n", type=int, default=128, help="scenes per family")
+    parser.add_argument("--aggregators", help="also show, per aggregation point, the mean weight of each expert "
+                                              "under these trained aggregators (an afa/final folder)")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     build = DemoBuild(demo_config.recipe("cpu"), args.run_dir, os.path.join(args.run_dir, "package"),
@@ -89,6 +119,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("| family | own expert | uniform AFA | output average | gain |\n|---|---|---|---|---|")
     for family, s in signal.items():
         print(f"| {family} | {s['own']:.4f} | {s['uniform']:.4f} | {s['output_average']:.4f} | {s['gain']:.1%} |")
+    if args.aggregators:
+        ensemble = build.build_ensemble(build.load_experts())
+        load_aggregators(ensemble, args.aggregators)
+        table = point_weights(ensemble, text_encoder, build.tokenizer(), {f: build.latents(f) for f in FAMILIES},
+                              build.r["scheduler"], min(args.n, 48))
+        print("\nmean weight of " + " / ".join(FAMILIES) + " at each aggregation point, by the scene's family\n")
+        print("| point | " + " | ".join(FAMILIES) + " |\n|---|" + "---|" * len(FAMILIES))
+        for i, point in enumerate(ensemble.points):
+            cells = [" / ".join(f"{v:.2f}" for v in table[f][i]) for f in FAMILIES]
+            print(f"| {i} {point.name} | " + " | ".join(cells) + " |")
     return 0
 
 

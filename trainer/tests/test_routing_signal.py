@@ -51,3 +51,18 @@ def test_a_useless_expert_makes_the_other_worth_routing_to(tmp_path):
     # family "a" is the good expert's: its own loss beats the blend with the noisy copy; "b" is the reverse
     assert signal["a"]["gain"] > 0 and signal["b"]["gain"] < 0
     assert signal["a"]["own"] < signal["b"]["own"]
+
+
+@torch.no_grad()
+def test_point_weights_are_uniform_for_fresh_aggregators_and_sum_to_one(tmp_path):
+    from trainer.routing_signal import point_weights
+
+    torch.manual_seed(3)
+    ensemble, text_encoder, tok, data = _setup(tmp_path, [UNet2DConditionModel(UNetConfig.tiny()) for _ in range(2)])
+    table = point_weights(ensemble, text_encoder, tok, data, demo_config.SCHEDULER_CONFIG, n=4)
+    assert set(table) == {"a", "b"} and len(table["a"]) == len(ensemble.points)
+    assert all(abs(v - 0.5) < 1e-3 for rows in table.values() for row in rows for v in row)
+    with torch.no_grad():
+        ensemble.aggregators[0].to_logits.bias.copy_(torch.tensor([2.0, 0.0]))
+    first = point_weights(ensemble, text_encoder, tok, data, demo_config.SCHEDULER_CONFIG, n=4)["a"][0]
+    assert first[0] > 0.8 and abs(sum(first) - 1) < 1e-2
