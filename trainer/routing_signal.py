@@ -9,11 +9,12 @@ uniform 0.075 on curves, routing 0.34). Run it on a build: `python3 -m trainer.r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from trainer.afa import AFAEnsemble
 from trainer.bpe import CLIPTokenizer
@@ -22,6 +23,38 @@ from trainer.train import DiffusionLoss, TextConditioner, schedule_from_config
 
 def _prediction(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
+
+
+class _NoisedScenes:
+    """Scenes of one family as the diffusion loss sees them: text conditioning, noised latents and target."""
+
+    def __init__(self, ensemble: AFAEnsemble, text_encoder: nn.Module, tokenizer: CLIPTokenizer,
+                 scheduler_config: Optional[Mapping[str, object]]):
+        self.device = next(ensemble.parameters()).device
+        schedule, _ = schedule_from_config(scheduler_config)
+        self.diffusion = DiffusionLoss(schedule, self.device, "none")
+        self.conditioner = TextConditioner(text_encoder.to(self.device).eval(), tokenizer, self.device, trainable=False)
+        self.needs_pooled = ensemble.unets[0].class_embedding is not None
+
+    def batches(self, data, n: int, batch_size: int, seed: int) -> Iterator[Tuple[Tensor, Tensor, Tensor, dict, Tensor]]:
+        """(noisy, timesteps, text, U-Net keyword arguments, target) for n scenes drawn with `seed`."""
+        generator = torch.Generator().manual_seed(seed)
+        take = torch.randperm(len(data.captions), generator=generator)[:n]
+        for start in range(0, len(take), batch_size):
+            rows = take[start:start + batch_size]
+            hidden, pooled, _ = self.conditioner([data.captions[int(i)] for i in rows])
+            noisy, t, target = self.diffusion.noisy_inputs(data.tensors[rows].to(self.device, torch.float32), generator)
+            yield noisy, t, hidden, ({"class_labels": pooled} if self.needs_pooled else {}), target
+
+
+@contextlib.contextmanager
+def _evaluating(module: nn.Module) -> Iterator[None]:
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 @torch.no_grad()
@@ -35,39 +68,25 @@ def routing_signal(ensemble: AFAEnsemble, text_encoder: nn.Module, tokenizer: CL
     Returns per family {"own", "uniform", "output_average", "gain"} with gain = 1 - own / uniform:
     the share of the uniform ensemble's loss that sending every pixel to the right expert would remove.
     """
-    device = next(ensemble.parameters()).device
-    schedule, _ = schedule_from_config(scheduler_config)
-    diffusion = DiffusionLoss(schedule, device, "none")
-    conditioner = TextConditioner(text_encoder.to(device).eval(), tokenizer, device, trainable=False)
-    was_training = ensemble.training
-    ensemble.eval()
-    needs_pooled = ensemble.unets[0].class_embedding is not None
+    scenes = _NoisedScenes(ensemble, text_encoder, tokenizer, scheduler_config)
     out: Dict[str, Dict[str, float]] = {}
-    try:
+    with _evaluating(ensemble):
         for family, data in family_data.items():
             own = family_ids.index(family)
-            generator = torch.Generator().manual_seed(seed)
-            take = torch.randperm(len(data.captions), generator=generator)[:n]
             sums = {"own": 0.0, "uniform": 0.0, "output_average": 0.0}
-            for start in range(0, len(take), batch_size):
-                rows = take[start:start + batch_size]
-                x0 = data.tensors[rows].to(device, torch.float32)
-                hidden, pooled, _ = conditioner([data.captions[int(i)] for i in rows])
-                noisy, t, target = diffusion.noisy_inputs(x0, generator)
-                kwargs = {"class_labels": pooled} if needs_pooled else {}
-
-                def loss(prediction: torch.Tensor) -> float:
+            count = 0
+            for noisy, t, hidden, kwargs, target in scenes.batches(data, n, batch_size, seed):
+                def loss(prediction: Tensor) -> float:
                     return float((prediction.float() - target).pow(2).flatten(1).mean(1).sum())
 
                 singles = [_prediction(u(noisy, t, hidden, **kwargs)) for u in ensemble.unets]
                 sums["own"] += loss(singles[own])
                 sums["output_average"] += loss(torch.stack(singles).mean(0))
                 sums["uniform"] += loss(ensemble(noisy, t, hidden, **kwargs)[0])
-            result = {k: round(v / len(take), 5) for k, v in sums.items()}
+                count += len(noisy)
+            result = {k: round(v / count, 5) for k, v in sums.items()}
             result["gain"] = round(1 - result["own"] / result["uniform"], 4) if result["uniform"] > 0 else 0.0
             out[family] = result
-    finally:
-        ensemble.train(was_training)
     return out
 
 
@@ -78,24 +97,13 @@ def point_weights(ensemble: AFAEnsemble, text_encoder: nn.Module, tokenizer: CLI
     """Per family, the mean SABW weight of each expert at each aggregation point (over pixels, scenes and
     uniform timesteps): rows that barely change between families mean the aggregator routes by layer,
     not by what is drawn where."""
-    device = next(ensemble.parameters()).device
-    schedule, _ = schedule_from_config(scheduler_config)
-    diffusion = DiffusionLoss(schedule, device, "none")
-    conditioner = TextConditioner(text_encoder.to(device).eval(), tokenizer, device, trainable=False)
-    was_training = ensemble.training
-    ensemble.eval()
-    kwargs_pooled = ensemble.unets[0].class_embedding is not None
+    scenes = _NoisedScenes(ensemble, text_encoder, tokenizer, scheduler_config)
     out: Dict[str, List[List[float]]] = {}
-    try:
+    with _evaluating(ensemble):
         for family, data in family_data.items():
-            generator = torch.Generator().manual_seed(seed)
-            rows = torch.randperm(len(data.captions), generator=generator)[:n]
-            hidden, pooled, _ = conditioner([data.captions[int(i)] for i in rows])
-            noisy, t, _ = diffusion.noisy_inputs(data.tensors[rows].to(device, torch.float32), generator)
-            _, weights = ensemble(noisy, t, hidden, **({"class_labels": pooled} if kwargs_pooled else {}))
+            noisy, t, hidden, kwargs, _ = next(scenes.batches(data, n, n, seed))
+            _, weights = ensemble(noisy, t, hidden, **kwargs)
             out[family] = [[round(float(v), 3) for v in w.float().mean((0, 2, 3))] for w in weights]
-    finally:
-        ensemble.train(was_training)
     return out
 
 
