@@ -6,7 +6,7 @@ from trainer import demo_config
 from trainer.afa import AFAEnsemble
 from trainer.bpe import CLIPTokenizer, train_bpe
 from trainer.build_demo import TensorExamples
-from trainer.routing_signal import routing_signal
+from trainer.routing_signal import point_weights, routing_signal
 from trainer.text_encoder import CLIPTextEncoder, TextEncoderConfig
 from trainer.unet import UNet2DConditionModel, UNetConfig
 
@@ -55,8 +55,6 @@ def test_a_useless_expert_makes_the_other_worth_routing_to(tmp_path):
 
 @torch.no_grad()
 def test_point_weights_are_uniform_for_fresh_aggregators_and_sum_to_one(tmp_path):
-    from trainer.routing_signal import point_weights
-
     torch.manual_seed(3)
     ensemble, text_encoder, tok, data = _setup(tmp_path, [UNet2DConditionModel(UNetConfig.tiny()) for _ in range(2)])
     table = point_weights(ensemble, text_encoder, tok, data, demo_config.SCHEDULER_CONFIG, n=4)
