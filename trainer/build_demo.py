@@ -1,7 +1,7 @@
 """Builds the demo model zoo from nothing, stage by stage: `python3 -m trainer.build_demo`.
 
 Stages (in order; each needs the ones before it that it reads):
-    world          rendered scenes: all shapes, and each family alone (tensor files)
+    world          rendered scenes: all shapes, each family alone, and two-object scenes (tensor files)
     classifier     the attribute classifier (scores everything after it)
     tokenizer      CLIP BPE trained on the captions
     vae            the VAE (f = 4 on a CPU, f = 2 on a GPU); its reconstructions are scored by the classifier; latent scale; latents
@@ -78,7 +78,8 @@ DEPENDS = {
 }
 BUDGET_KEY = {"classifier": "classifier", "vae": "vae", "base": "base", "afa": "afa",
               **{s: "expert" for s in EXPERT_STAGES}}
-WORLD_SETS = ("all",) + FAMILIES
+WORLD_SETS = ("all",) + FAMILIES + ("pairs",)
+CAPTION_SETS = ("all",) + FAMILIES  # the tokenizer's corpus (the pairs set only repeats its words)
 BUNDLE_PATHS = ("state.json", "build_log.md", "build.log", "logs", "tokenizer", "classifier/classifier.pt",
                 "world/preview.png", "vae/final", "base/final", "afa/final", "base/samples.png", "afa/samples.png") \
     + tuple(f"{s}/final" for s in EXPERT_STAGES) + tuple(f"{s}/samples.png" for s in EXPERT_STAGES)
@@ -276,8 +277,8 @@ class DemoBuild:
     def write_build_log(self) -> None:
         lines = ["# Demo build log", "",
                  f"Recipe: device {self.r['device']}, smoke {self.r['smoke']}, time scale {self.r['time_scale']}.",
-                 "", "| stage | status | minutes | steps | loss (last) | measured | load (1/5/15 min) |",
-                 "|---|---|---|---|---|---|---|"]
+                 "", "| stage | status | device | minutes | steps | loss (last) | measured | load (1/5/15 min) |",
+                 "|---|---|---|---|---|---|---|---|"]
         for name in STAGES:
             st = self.state["stages"].get(name)
             if not st or not st["runs"]:
@@ -288,7 +289,8 @@ class DemoBuild:
             signal = next((r["routing_signal"] for r in st["runs"] if r.get("routing_signal")), None)
             if signal:  # measured once, before the aggregators' first step
                 shown += "; routing gain " + ", ".join(f"{f} {_fmt(v['gain'])}" for f, v in signal.items())
-            lines.append(f"| {name} | {st['status']} | {st['minutes']:.2f} | {last.get('steps', '')} | "
+            devices = "+".join(dict.fromkeys(str(r.get("device", "")) for r in st["runs"]))
+            lines.append(f"| {name} | {st['status']} | {devices} | {st['minutes']:.2f} | {last.get('steps', '')} | "
                          f"{_fmt(last.get('loss_last', ''))} | {shown} | "
                          f"{'/'.join(str(x) for x in last['load_before'])} → {'/'.join(str(x) for x in last['load_after'])} |")
         with open(self.path("build_log.md"), "w") as f:
@@ -459,13 +461,15 @@ class DemoBuild:
         counts = {}
         captions: List[str] = []
         for i, name in enumerate(WORLD_SETS):
-            n = w["n_all"] if name == "all" else w["n_family"]
-            families = None if name == "all" else [name]
+            n = {"all": w["n_all"], "pairs": w["n_pairs"]}.get(name, w["n_family"])
+            families = None if name in ("all", "pairs") else [name]
+            two_object_prob = 1.0 if name == "pairs" else w["two_object_prob"]
             seed = self.r["seed"] * 1_000_000 + (i + 1) * 10_000
-            batch = shapes.build_dataset(self.path("world", f"{name}.pt"), n, seed, families, w["two_object_prob"],
+            batch = shapes.build_dataset(self.path("world", f"{name}.pt"), n, seed, families, two_object_prob,
                                          w["omit_prob"], device=self.device if self.cuda else None)
             counts[name] = len(batch)
-            captions += batch.captions
+            if name in CAPTION_SETS:
+                captions += batch.captions
             if name == "all":
                 preview = batch.images[:32].permute(0, 2, 3, 1).numpy()
                 rows = [np.concatenate(list(preview[r * 8:(r + 1) * 8]), axis=1) for r in range(len(preview) // 8)]
@@ -502,6 +506,9 @@ class DemoBuild:
         return (time.monotonic() - self._stage_started) / 60 >= budget - 0.05
 
     def stage_tokenizer(self, _budget) -> Dict[str, Any]:
+        if not os.path.exists(self.path("world", "captions.txt")):
+            self.log("world captions are missing: rendering the world again")
+            self.stage_world(None)
         with open(self.path("world", "captions.txt")) as f:
             captions = [line.rstrip("\n") for line in f if line.strip()]
         vocab, merges = train_bpe(captions, self.r["tokenizer"]["vocab_size"], self.path("tokenizer"))
@@ -660,6 +667,12 @@ class DemoBuild:
     def load_experts(self) -> List[UNet2DConditionModel]:
         return [load_unet(self.path(f"expert-{f}", "final")) for f in FAMILIES]
 
+    def afa_examples(self) -> TensorExamples:
+        """The aggregators' training scenes: the whole world plus the two-object set, since only scenes
+        with objects of two families reward routing by place rather than by prompt."""
+        sets = [self.latents("all"), self.latents("pairs")]
+        return TensorExamples(torch.cat([s.tensors for s in sets]), [c for s in sets for c in s.captions])
+
     def build_ensemble(self, experts: Sequence[UNet2DConditionModel]) -> AFAEnsemble:
         a = self.r["afa"]
         torch.manual_seed(self.r["seed"])
@@ -693,7 +706,7 @@ class DemoBuild:
 
         a = self.r["afa"]
         d = self.r["diffusion"]
-        result = train_afa(ensemble, text_encoder, tok, self.latents("all"), a["steps"],
+        result = train_afa(ensemble, text_encoder, tok, self.afa_examples(), a["steps"],
                            scheduler_config=self.r["scheduler"], caption_dropout=a["caption_dropout"],
                            expert_dropout=a["expert_dropout"], expert_min_keep=a["expert_min_keep"],
                            snr_weighting=d["snr_weighting"], snr_gamma=d["snr_gamma"], expert_ids=list(FAMILIES),
@@ -732,6 +745,7 @@ class DemoBuild:
             write_reference(classifier, os.path.join(self.out_dir, "eval"), **self.r["reference"])
         finally:
             torch.set_grad_enabled(True)
+        self.write_build_log()
         shutil.copyfile(self.path("build_log.md"), os.path.join(self.out_dir, "eval", "build_log.md"))
         sizes = {}
         for root, _, files in os.walk(self.out_dir):
@@ -822,13 +836,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run_dir = args.run_dir or os.path.join(REPO_ROOT, "trainer", "runs", "demo-smoke" if args.smoke else "demo")
     out = args.out or (os.path.join(run_dir, "package") if args.smoke else os.path.join(REPO_ROOT, "models", "demo"))
     build = DemoBuild(recipe, run_dir, out)
+    if args.redo and not args.stage:
+        parser.error("--redo needs --stage")
+    if args.unbundle:  # before --redo, so that a bundled stage can be trained again
+        build.log(f"unpacked {len(build.read_bundle(args.unbundle))} files from {args.unbundle}")
     if args.redo:
-        if not args.stage:
-            parser.error("--redo needs --stage")
         for name in args.stage:
             build.redo(name)
-    if args.unbundle:
-        build.log(f"unpacked {len(build.read_bundle(args.unbundle))} files from {args.unbundle}")
     for item in args.extend:
         key, _, value = item.partition("=")
         try:

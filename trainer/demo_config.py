@@ -50,7 +50,8 @@ _DOWN, _CROSS_DOWN, _UP, _CROSS_UP = "DownBlock2D", "CrossAttnDownBlock2D", "UpB
 
 _FULL: Dict[str, Any] = {
     "seed": 0,
-    "world": {"n_all": 60_000, "n_family": 20_000, "two_object_prob": 0.3, "omit_prob": 0.2},
+    # n_pairs: two-object scenes added to the aggregators' training data (about half of it is then pairs)
+    "world": {"n_all": 60_000, "n_family": 20_000, "n_pairs": 30_000, "two_object_prob": 0.3, "omit_prob": 0.2},
     "classifier": {"config": {"widths": [24, 48, 96, 128], "squeeze_channels": 16, "feature_dim": 256},
                    "steps": 3000, "batch_size": 128, "lr": 3e-3, "two_object_prob": 0.4, "eval_n": 2000,
                    "minutes": 30.0},
@@ -123,15 +124,20 @@ _CUDA_OVERRIDES: Dict[str, Any] = {
 _CPU_OVERRIDES: Dict[str, Any] = {
     "vae": {"config": {"block_out_channels": [32, 64, 64], "layers_per_block": 1, "latent_channels": 4,
                        "norm_num_groups": 16, "mid_block_attention": False}},
+    # ≈ 1,150 steps: experts that are clearly better on their own family than elsewhere (routing gain
+    # 8-25% in trainer.routing_signal; 6 min at lr 5e-4 left 1-9%, and AFA then only matched the average)
+    "expert": {"lr": 1e-3, "minutes": 12.0},
 }
-# The shipped CPU build ran with --minutes expert=6 --minutes afa=12. Tried and not kept (2026-11-27):
-# experts 12 min at lr 1e-3 specialise more (routing gain 8-25% instead of 1-9%, see trainer.routing_signal),
-# but the aggregator trained on them (50 min, lr 1e-3, 1025 steps) still routed by layer rather than by
-# object, and the package scored worse (AFA single 67.6% vs 79.6%, pairs 27.8% vs 47.2%; docs/results.md).
+# The shipped models/demo (2026-11-27): everything up to the experts on 2 CPU cores with this recipe (base
+# 73 min, trainer/products/demo-cpu-base.tar), then the aggregator on an H200 with the cuda recipe's afa
+# section for 4.5 min (736 steps at batch 256 on the world plus its two-object set):
+#   python3 -m trainer.build_demo --device cuda --unbundle B.tar --redo --stage afa --minutes afa=4.5
+# On 2 CPU cores an aggregator sees ~60 times fewer scenes in the same minutes; trained there (50 min,
+# 1,025 steps at batch 16) on these experts it scored AFA 67.6% single / 27.8% two-object (docs/results.md).
 
 # Tiny sizes and a few steps per stage: the whole pipeline in a few minutes on a CPU.
 _SMOKE_OVERRIDES: Dict[str, Any] = {
-    "world": {"n_all": 192, "n_family": 48},
+    "world": {"n_all": 192, "n_family": 48, "n_pairs": 48},
     "classifier": {"config": {"widths": [8, 8, 16, 16], "squeeze_channels": 8, "feature_dim": 32},
                    "steps": 3, "batch_size": 8, "eval_n": 32},
     "tokenizer": {"vocab_size": 560},

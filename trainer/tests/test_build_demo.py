@@ -58,6 +58,10 @@ def test_first_stages_in_smoke_mode_then_resume_and_redo(tmp_path):
     assert len(world) == build.r["world"]["n_all"]
     spikes = shapes.load_dataset(build.path("world", "spikes.pt"))
     assert set(spikes.shape[spikes.shape >= 0].tolist()) <= {shapes.SHAPES.index("triangle"), shapes.SHAPES.index("star")}
+    pairs = shapes.load_dataset(build.path("world", "pairs.pt"))
+    assert len(pairs) == build.r["world"]["n_pairs"] and bool((pairs.num_objects == 2).all())
+    # the aggregators train on the whole world plus the two-object set
+    assert len(build.afa_examples()) == build.r["world"]["n_all"] + build.r["world"]["n_pairs"]
     tok = CLIPTokenizer.from_dir(build.path("tokenizer"))
     assert tok.vocab_size == build.r["tokenizer"]["vocab_size"]
     vae_run = json.load(open(build.path("logs", "vae.json")))[-1]
@@ -87,6 +91,12 @@ def test_first_stages_in_smoke_mode_then_resume_and_redo(tmp_path):
         assert torch.allclose(restored[key].cpu(), value.cpu().half().float()), key
     assert len(elsewhere.world("blocks")) == build.r["world"]["n_family"]  # data is rendered again on demand
     assert torch.equal(elsewhere.world("blocks").images, again.world("blocks").images)
+
+    # --unbundle comes before --redo, so a bundled stage can be trained again on the other machine
+    third = str(tmp_path / "third")
+    assert build_demo.main(["--smoke", "--run-dir", third, "--unbundle", bundle, "--redo", "--stage", "tokenizer"]) == 0
+    this_run = open(os.path.join(third, "build.log")).read().split("unpacked")[-1]  # the bundle brings its log
+    assert "== tokenizer: starting" in this_run and "done already" not in this_run
 
     # redo forgets the stage and everything that depends on it
     again.redo("tokenizer")
