@@ -31,6 +31,8 @@ describe('the demo package (models/demo)', () => {
     assert.deepEqual(info.display, { width: 512, height: 512 });
   });
 
+  // Each case runs three seeds and asks for every attribute in at least two of them: a sampler follows a
+  // prompt most of the time, not every time (docs/results.md has the rates over the whole prompt set).
   test('the classifier reads back the background, colour and size that the prompt states', async () => {
     const cases: [GenerateRequest, Record<string, string>][] = [
       [{ prompt: 'a large red circle in the center, white background', mode: 'afa', ensemble: 'trio', seed: 1 },
@@ -41,10 +43,15 @@ describe('the demo package (models/demo)', () => {
         { background: 'gray', colour: 'yellow', size: 'large', count: 'one' }],
     ];
     for (const [request, expected] of cases) {
-      const result = await engine.generate(request);
-      const [reading] = await classifier.classify([result.images[0].image]);
-      const read = Object.fromEntries(Object.keys(expected).map((k) => [k, reading.labels[k]]));
-      assert.deepEqual(read, expected, `"${request.prompt}" (${request.mode}${request.experts ? ' ' + request.experts.join('+') : ''})`);
+      const readings = [];
+      for (let i = 0; i < 3; i++) {
+        const result = await engine.generate({ ...request, seed: request.seed! * 10 + i });
+        const [reading] = await classifier.classify([result.images[0].image]);
+        readings.push(Object.fromEntries(Object.keys(expected).map((k) => [k, reading.labels[k]])));
+      }
+      const majority = Object.fromEntries(Object.entries(expected).map(([k, want]) =>
+        [k, readings.filter((r) => r[k] === want).length >= 2 ? want : readings.map((r) => r[k]).join('/')]));
+      assert.deepEqual(majority, expected, `"${request.prompt}" (${request.mode}${request.experts ? ' ' + request.experts.join('+') : ''})`);
     }
   });
 
