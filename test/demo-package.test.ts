@@ -43,7 +43,7 @@ describe('the demo package (models/demo)', () => {
         { background: 'gray', colour: 'yellow', size: 'large', count: 'one' }],
     ];
     for (const [request, expected] of cases) {
-      const readings = [];
+      const readings: Record<string, string>[] = [];
       for (let i = 0; i < 3; i++) {
         const result = await engine.generate({ ...request, seed: request.seed! * 10 + i });
         const [reading] = await classifier.classify([result.images[0].image]);
