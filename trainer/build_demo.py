@@ -60,6 +60,7 @@ from trainer.eval_reference import write_reference
 from trainer.routing_signal import routing_signal
 from trainer.sampler import decode_latents, sample
 from trainer.text_encoder import CLIPTextEncoder, TextEncoderConfig
+from trainer.train import evaluating
 from trainer.unet import UNet2DConditionModel, UNetConfig, count_parameters
 from trainer.vae import AutoencoderKL, VAEConfig
 
@@ -392,15 +393,8 @@ class DemoBuild:
 
     def adherence(self, model, text_encoder, tokenizer, batch: shapes.ShapesBatch, ensemble: bool = False,
                   seed: int = 0) -> Dict[str, Any]:
-        was_training = model.training
-        model.eval()
-        text_was_training = text_encoder.training
-        text_encoder.eval()
-        try:
+        with evaluating(model, text_encoder):
             images, contributions = self.generate(model, text_encoder, tokenizer, batch.captions, seed, ensemble)
-        finally:
-            model.train(was_training)
-            text_encoder.train(text_was_training)
         classifier = self.classifier()
         pred = clf.predict(classifier, images)
         scores = clf.adherence(pred, batch)

@@ -9,7 +9,6 @@ aggregator almost nothing to learn from routing (the shipped demo experts: own 0
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -18,7 +17,7 @@ from torch import Tensor, nn
 
 from trainer.afa import AFAEnsemble
 from trainer.bpe import CLIPTokenizer
-from trainer.train import DiffusionLoss, TextConditioner, schedule_from_config
+from trainer.train import DiffusionLoss, TextConditioner, evaluating, schedule_from_config
 
 
 class _NoisedScenes:
@@ -43,16 +42,6 @@ class _NoisedScenes:
             yield noisy, t, hidden, ({"class_labels": pooled} if self.needs_pooled else {}), target
 
 
-@contextlib.contextmanager
-def _evaluating(module: nn.Module) -> Iterator[None]:
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
-
-
 @torch.no_grad()
 def routing_signal(ensemble: AFAEnsemble, text_encoder: nn.Module, tokenizer: CLIPTokenizer,
                    family_data: Mapping[str, object], family_ids: Sequence[str],
@@ -66,7 +55,7 @@ def routing_signal(ensemble: AFAEnsemble, text_encoder: nn.Module, tokenizer: CL
     """
     scenes = _NoisedScenes(ensemble, text_encoder, tokenizer, scheduler_config)
     out: Dict[str, Dict[str, float]] = {}
-    with _evaluating(ensemble):
+    with evaluating(ensemble):
         for family, data in family_data.items():
             own = family_ids.index(family)
             sums = {"own": 0.0, "uniform": 0.0, "output_average": 0.0}
@@ -95,7 +84,7 @@ def point_weights(ensemble: AFAEnsemble, text_encoder: nn.Module, tokenizer: CLI
     not by what is drawn where."""
     scenes = _NoisedScenes(ensemble, text_encoder, tokenizer, scheduler_config)
     out: Dict[str, List[List[float]]] = {}
-    with _evaluating(ensemble):
+    with evaluating(ensemble):
         for family, data in family_data.items():
             noisy, t, hidden, kwargs, _ = next(scenes.batches(data, n, n, seed))
             _, weights = ensemble(noisy, t, hidden, **kwargs)

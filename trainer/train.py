@@ -223,6 +223,19 @@ class EMA:
 # pieces shared by the objectives
 
 
+@contextlib.contextmanager
+def evaluating(*modules: nn.Module) -> Iterator[None]:
+    """The modules in eval mode for the duration of the block, then back in the mode each had."""
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+
 def drop_captions(captions: Sequence[str], p: float, generator: Optional[torch.Generator] = None) -> List[str]:
     """Each caption replaced by "" with probability p (classifier-free guidance training).
     Always draws one number per caption, so the random stream does not depend on p."""
