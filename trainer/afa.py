@@ -233,6 +233,34 @@ def contribution_map(weights: Sequence[Tensor], size: Sequence[int]) -> Tensor:
     return torch.stack(resized).mean(0)
 
 
+def routing_targets(errors: Tensor, window: float, temperature: float, mask: Optional[Tensor] = None) -> Tensor:
+    """Which expert denoises each region best, as target weights [B,N,h,w] for the aggregators.
+
+    errors: [B,N,h,w] squared error of each expert run alone (mean over channels); each map is averaged
+    over a square window `window`·w pixels wide (odd, at least 1), so an object's expert also claims the
+    background around it, then turned into softmax(-log(error) / temperature) over the experts: an
+    expert with half the error of another gets 2^(1/temperature) times its weight. mask [B,N] (0 = absent)
+    gives absent experts target 0.
+    """
+    k = max(1, int(round(window * errors.shape[-1])) // 2 * 2 + 1)
+    smooth = F.avg_pool2d(errors.float(), k, stride=1, padding=k // 2, count_include_pad=False)
+    logits = -smooth.clamp_min(1e-12).log() / temperature
+    if mask is not None:
+        logits = torch.where(mask[:, :, None, None] > 0, logits, torch.full_like(logits, ABSENT_LOGIT))
+    return logits.softmax(1)
+
+
+def routing_divergence(weights: Sequence[Tensor], targets: Tensor) -> Tensor:
+    """Mean over aggregation points of KL(targets ‖ weights) per pixel, the targets area-resized to each
+    point's resolution: 0 when every point routes as the targets say."""
+    total = targets.new_zeros(())
+    for w in weights:
+        q = targets if tuple(w.shape[-2:]) == tuple(targets.shape[-2:]) else F.interpolate(targets, size=w.shape[-2:], mode="area")
+        kl = torch.xlogy(q, q) - q * w.float().clamp_min(1e-12).log()
+        total = total + kl.sum(1).mean()
+    return total / len(weights)
+
+
 class AFAExport(nn.Module):
     """ONNX-friendly wrapper: (sample, timestep, encoder_hidden_states[, expert_mask]) → (out_sample, contributions).
 

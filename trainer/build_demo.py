@@ -704,7 +704,9 @@ class DemoBuild:
                            scheduler_config=self.r["scheduler"], caption_dropout=a["caption_dropout"],
                            expert_dropout=a["expert_dropout"], expert_min_keep=a["expert_min_keep"],
                            snr_weighting=d["snr_weighting"], snr_gamma=d["snr_gamma"], expert_ids=list(FAMILIES),
-                           evaluate=evaluate, **self.train_options("afa", self.path("afa"), budget))
+                           routing_loss=a["routing_loss"], routing_window=a["routing_window"],
+                           routing_temperature=a["routing_temperature"], evaluate=evaluate,
+                           **self.train_options("afa", self.path("afa"), budget))
         self._save_samples("afa")
         record = self._training_record(result, budget, {"aggregators": ensemble.count_parameters()})
         if signal is not None:
@@ -813,6 +815,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--extend", action="append", default=[], metavar="STAGE=MIN",
                         help="give a finished training stage MIN more minutes (it goes on from where it ended; "
                              "the stages after it are built again); repeatable")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=JSON",
+                        help="override one recipe value, e.g. afa.routing_loss=0.05; repeatable")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--bundle", help="afterwards, write the finished products to this tar (float16 weights)")
     parser.add_argument("--unbundle", help="first, unpack a bundle into the run folder")
@@ -827,6 +831,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if key not in ("classifier", "vae", "base", "expert", "afa") or not value:
             parser.error(f"--minutes takes STAGE=MIN with STAGE one of classifier, vae, base, expert, afa (got {item!r})")
         recipe[key]["minutes"] = float(value)
+    for item in args.set:
+        path, _, value = item.partition("=")
+        section, _, key = path.partition(".")
+        if not isinstance(recipe.get(section), dict) or key not in recipe[section] or not value:
+            parser.error(f"--set takes SECTION.KEY=JSON for a key the recipe has (got {item!r})")
+        try:
+            recipe[section][key] = json.loads(value)
+        except json.JSONDecodeError as err:
+            parser.error(f"--set {item}: {value!r} is not JSON ({err})")
     run_dir = args.run_dir or os.path.join(REPO_ROOT, "trainer", "runs", "demo-smoke" if args.smoke else "demo")
     out = args.out or (os.path.join(run_dir, "package") if args.smoke else os.path.join(REPO_ROOT, "models", "demo"))
     build = DemoBuild(recipe, run_dir, out)

@@ -81,6 +81,8 @@ _FULL: Dict[str, Any] = {
     "afa": {"hidden": 64, "depth": 1, "heads": 4, "head_dim": 16, "steps": 1_000_000, "batch_size": 16,
             "lr": 5e-4, "warmup_steps": 50, "grad_clip": 1.0, "expert_dropout": 0.3, "expert_min_keep": 2,
             "caption_dropout": 0.1, "minutes": 180.0,
+            # weight of the routing term (trainer.train.train_afa; 0 = the paper's plain diffusion loss)
+            "routing_loss": 0.0, "routing_window": 0.4, "routing_temperature": 0.2,
             # scenes per family for the routing signal measured before training (trainer.routing_signal)
             "signal_n": 128},
     # adherence of sampled images, measured with the classifier at every checkpoint (at the package's guidance)

@@ -57,7 +57,8 @@ non-SD1.5 shapes).
   unet       caption_dropout, snr_weighting ("none" | "min_snr" | "capped"), snr_gamma,
              prediction_type (overrides the scheduler's), train_text_encoder, text_encoder_lr,
              cross_attention_mask
-  afa        caption_dropout (0.1), expert_dropout (0.0), expert_min_keep (2), snr_weighting, snr_gamma
+  afa        caption_dropout (0.1), expert_dropout (0.0), expert_min_keep (2), snr_weighting, snr_gamma,
+             routing_loss (0.0), routing_window (0.4), routing_temperature (0.2): see train_afa
 
 Outputs in out_dir: checkpoints/step-XXXXXXXX/ (see trainer.checkpointing), metrics.jsonl (one JSON
 object per progress line and per evaluation), run_config.json, and final/ with unet/, text_encoder/,
@@ -84,7 +85,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 from torch import Tensor, nn
 
-from trainer.afa import AFAEnsemble, random_expert_mask
+from trainer.afa import AFAEnsemble, random_expert_mask, routing_divergence, routing_targets
 from trainer.bpe import CLIPTokenizer, write_tokenizer_files
 from trainer.checkpointing import (latest_checkpoint, load_aggregators, load_checkpoint, load_text_encoder, load_unet,
                                    load_vae, save_aggregators, save_checkpoint, save_text_encoder, save_unet, save_vae,
@@ -464,11 +465,24 @@ class UNetObjective(Objective):
         _write_scheduler(os.path.join(folder, "scheduler"), self.scheduler_config)
 
 
+@dataclasses.dataclass(frozen=True)
+class RoutingLoss:
+    """The optional routing term of the aggregators' loss (see train_afa)."""
+    weight: float = 0.0
+    window: float = 0.4
+    temperature: float = 0.2
+
+    def __post_init__(self):
+        if self.weight < 0 or self.window <= 0 or self.temperature <= 0:
+            raise ValueError(f"routing_loss must be ≥ 0 and routing_window, routing_temperature > 0, got {self}")
+
+
 class AFAObjective(Objective):
     def __init__(self, ensemble: AFAEnsemble, text_encoders: Sequence[nn.Module], tokenizers: Sequence[CLIPTokenizer],
                  device: torch.device, diffusion: DiffusionLoss, scheduler_config: Mapping[str, Any],
                  caption_dropout: float, expert_dropout: float, expert_min_keep: int,
-                 vae: Optional[AutoencoderKL], compile_forward: bool, expert_ids: Optional[Sequence[str]]):
+                 vae: Optional[AutoencoderKL], compile_forward: bool, expert_ids: Optional[Sequence[str]],
+                 routing: Optional["RoutingLoss"] = None):
         n = ensemble.num_experts
         if len(text_encoders) != n or len(tokenizers) != n:
             raise ValueError(f"the ensemble has {n} experts: give one text encoder and tokenizer, or {n} of each")
@@ -482,6 +496,7 @@ class AFAObjective(Objective):
         self.caption_dropout = caption_dropout
         self.expert_dropout = expert_dropout
         self.expert_min_keep = expert_min_keep
+        self.routing = routing if routing is not None and routing.weight > 0 else None
         self.expert_ids = list(expert_ids) if expert_ids is not None else None
         self.vae = vae.to(device).eval().requires_grad_(False) if vae is not None else None
         self.forward = _compiled(self.ensemble, compile_forward)
@@ -520,8 +535,25 @@ class AFAObjective(Objective):
             mask = random_expert_mask(self.ensemble.num_experts, x0.shape[0], self.expert_dropout, generator,
                                       self.expert_min_keep).to(self.device)
         kwargs = {"class_labels": pooled} if self.needs_pooled else {}
-        prediction, _ = self.forward(noisy, t, hidden, mask, **kwargs)
-        return self.diffusion(prediction, target, t), {}
+        prediction, weights = self.forward(noisy, t, hidden, mask, **kwargs)
+        loss = self.diffusion(prediction, target, t)
+        if self.routing is None:
+            return loss, {}
+        errors = self._expert_errors(noisy, t, hidden, kwargs, target)
+        targets = routing_targets(errors, self.routing.window, self.routing.temperature, mask)
+        divergence = routing_divergence(weights, targets)
+        return loss + self.routing.weight * divergence, {"routing_kl": float(divergence.detach())}
+
+    @torch.no_grad()
+    def _expert_errors(self, noisy: Tensor, t: Tensor, hidden: Tensor, kwargs: Dict[str, Tensor],
+                       target: Tensor) -> Tensor:
+        """[B,N,h,w]: each expert run alone on the ensemble's input, its squared error (mean over channels)."""
+        errors = []
+        for k, unet in enumerate(self.ensemble.unets):
+            own = {key: (v if v.dim() == 2 else v[k]) for key, v in kwargs.items()}
+            prediction = unet(noisy, t, hidden if hidden.dim() == 3 else hidden[k], **own)
+            errors.append((prediction.float() - target.float()).pow(2).mean(1))
+        return torch.stack(errors, 1)
 
     def export(self, folder):
         extra: Dict[str, Any] = {"prediction_type": self.scheduler_config.get("prediction_type", "epsilon"),
@@ -780,7 +812,8 @@ def train_afa(ensemble: AFAEnsemble, text_encoders: Union[nn.Module, Sequence[nn
               expert_dropout: float = 0.0, expert_min_keep: int = 2, snr_weighting: str = "none",
               snr_gamma: float = 5.0, vae: Optional[AutoencoderKL] = None,
               expert_ids: Optional[Sequence[str]] = None, evaluate: Optional[Evaluate] = None,
-              config: Optional[Mapping[str, Any]] = None, **option_overrides) -> TrainResult:
+              config: Optional[Mapping[str, Any]] = None, routing_loss: float = 0.0, routing_window: float = 0.4,
+              routing_temperature: float = 0.2, **option_overrides) -> TrainResult:
     """Trains only the SABW aggregators of `ensemble` over its frozen experts.
 
     Defaults are the reference recipe: MSE against the schedule's target (ε for SD1.5's config) on
@@ -788,6 +821,11 @@ def train_afa(ensemble: AFAEnsemble, text_encoders: Union[nn.Module, Sequence[nn
     constant rate, captions → "" with p = 0.1. expert_dropout > 0 trains with random expert masks
     (at least expert_min_keep experts kept) so one aggregator serves any subset of its experts.
     text_encoders / tokenizers: one shared by all experts, or one per expert (in expert order).
+
+    routing_loss > 0 adds routing_loss · KL(target ‖ weights) at every point, the target being which expert
+    alone denoises each region best (trainer.afa.routing_targets with routing_window, routing_temperature;
+    it costs one extra forward pass per expert). The plain diffusion loss (0, the paper's recipe) leaves the
+    weights free to pick experts per layer, so the contribution maps need not show who drew what.
     """
     opts = TrainOptions.build(options, steps=steps, **option_overrides)
     device = resolve_device(opts.device)
@@ -797,12 +835,14 @@ def train_afa(ensemble: AFAEnsemble, text_encoders: Union[nn.Module, Sequence[nn
     toks = list(tokenizers) if isinstance(tokenizers, (list, tuple)) else [tokenizers] * n
     schedule, sched_config = schedule_from_config(scheduler_config)
     diffusion = DiffusionLoss(schedule, device, snr_weighting, snr_gamma)
+    routing = RoutingLoss(routing_loss, routing_window, routing_temperature)
     objective = AFAObjective(ensemble, encoders, toks, device, diffusion, sched_config, caption_dropout,
-                             expert_dropout, expert_min_keep, vae, opts.compile, expert_ids)
+                             expert_dropout, expert_min_keep, vae, opts.compile, expert_ids, routing)
     run_config = {
         "kind": "afa", "experts": [u.config.to_dict() for u in ensemble.unets], "expert_ids": expert_ids,
         "scheduler": sched_config, "caption_dropout": caption_dropout, "expert_dropout": expert_dropout,
-        "expert_min_keep": expert_min_keep, "snr_weighting": snr_weighting, **dict(config or {}),
+        "expert_min_keep": expert_min_keep, "snr_weighting": snr_weighting,
+        **({"routing": dataclasses.asdict(routing)} if routing_loss > 0 else {}), **dict(config or {}),
     }
     return run_training(objective, data, opts, evaluate, run_config)
 
@@ -880,7 +920,8 @@ _LOOP_KEYS = {
     "vae": {"kl_weight"},
     "unet": {"caption_dropout", "snr_weighting", "snr_gamma", "prediction_type", "train_text_encoder",
              "text_encoder_lr", "cross_attention_mask"},
-    "afa": {"caption_dropout", "expert_dropout", "expert_min_keep", "snr_weighting", "snr_gamma"},
+    "afa": {"caption_dropout", "expert_dropout", "expert_min_keep", "snr_weighting", "snr_gamma", "routing_loss",
+            "routing_window", "routing_temperature"},
 }
 
 

@@ -4,7 +4,8 @@ import dataclasses
 import pytest
 import torch
 
-from trainer.afa import SABW, AFAEnsemble, AFAExport, contribution_map, random_expert_mask
+from trainer.afa import (SABW, AFAEnsemble, AFAExport, contribution_map, random_expert_mask, routing_divergence,
+                         routing_targets)
 from trainer.unet import UNet2DConditionModel, UNetConfig
 
 TEXT_DIM = 32
@@ -252,3 +253,29 @@ def test_parameter_count_for_three_sd15_unets():
     expected = sum(_expected_sabw_size(3, p.channels, 128, 2, 128, 1280, 768) for p in ensemble.points)
     assert count == expected
     assert 40e6 < count < 50e6  # the design page: ≈45 M ("about 50 M" in the paper)
+
+
+def test_routing_targets_follow_the_expert_with_the_lower_error_around_each_pixel():
+    errors = torch.ones(1, 2, 8, 8)
+    errors[0, 0, :, :4] = 0.5  # expert 0 is twice as good on the left half
+    errors[0, 1, :, 4:] = 0.5  # expert 1 on the right half
+    q = routing_targets(errors, window=1 / 8, temperature=0.25)
+    assert torch.allclose(q.sum(1), torch.ones(1, 8, 8))
+    assert torch.allclose(q[0, 0, :, :4], torch.full((8, 4), 16 / 17))  # 2 ** (1 / 0.25) : 1
+    assert torch.allclose(q[0, 1, :, 4:], torch.full((8, 4), 16 / 17))
+    # a wide window spreads an error gap into the pixels around it
+    spot = torch.ones(1, 2, 8, 8)
+    spot[0, 0, 0, 0] = 0.01
+    assert routing_targets(spot, 1 / 8, 0.25)[0, 0, 3, 3] == pytest.approx(0.5)
+    assert routing_targets(spot, 7 / 8, 0.25)[0, 0, 3, 3] > 0.51
+    # an absent expert gets no target, however low its error
+    masked = routing_targets(errors, 1 / 8, 0.25, mask=torch.tensor([[0.0, 1.0]]))
+    assert float(masked[0, 0].max()) == 0.0 and torch.allclose(masked[0, 1], torch.ones(8, 8))
+
+
+def test_routing_divergence_is_zero_only_where_every_point_matches_the_targets():
+    q = torch.softmax(torch.randn(2, 3, 8, 8), 1)
+    coarse = torch.nn.functional.interpolate(q, size=(4, 4), mode="area")
+    assert float(routing_divergence([q, coarse], q)) == pytest.approx(0.0, abs=1e-6)
+    uniform = torch.full((2, 3, 4, 4), 1 / 3)
+    assert float(routing_divergence([q, uniform], q)) > 0.01

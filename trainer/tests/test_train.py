@@ -168,6 +168,43 @@ def test_train_afa_changes_only_the_aggregators(tokenizer, tmp_path):
     assert config["config"]["scheduler"]["beta_schedule"] == "scaled_linear"
 
 
+def test_routing_loss_pulls_the_weights_toward_the_expert_that_denoises_best(tokenizer, tmp_path):
+    from trainer.afa import routing_divergence, routing_targets
+    from trainer.train import AFAObjective, DiffusionLoss, RoutingLoss, TextConditioner, schedule_from_config
+
+    routing = RoutingLoss(1.0, 0.5, 0.2)
+    schedule, config = schedule_from_config(None)
+    diffusion = DiffusionLoss(schedule, torch.device("cpu"), "none")
+    text_encoder = small_text_encoder(tokenizer)
+    data = colour_latents()
+    x = torch.stack([x for x, _ in data] * 2)
+    hidden, _, _ = TextConditioner(text_encoder, tokenizer, torch.device("cpu"), trainable=False)(
+        [c for _, c in data] * 2)
+    noisy, t, target = diffusion.noisy_inputs(x, torch.Generator().manual_seed(3))
+
+    def divergence(weight: float) -> float:
+        """KL from the routing targets after 30 steps trained with this routing weight."""
+        ensemble = small_ensemble(2)
+        with torch.no_grad():  # expert 1 is much worse: the targets send (nearly) everything to expert 0
+            ensemble.unets[1].conv_out.weight.mul_(4.0)
+        train_afa(ensemble, text_encoder, tokenizer, data, 30, batch_size=8, lr=1e-2, caption_dropout=0.0,
+                  routing_loss=weight, routing_window=routing.window, routing_temperature=routing.temperature,
+                  out_dir=str(tmp_path / str(weight)), **QUIET)
+        objective = AFAObjective(ensemble, [text_encoder] * 2, [tokenizer] * 2, torch.device("cpu"), diffusion,
+                                 config, 0.0, 0.0, 2, None, False, None, routing)
+        with torch.no_grad():
+            _, weights = ensemble(noisy, t, hidden)
+            errors = objective._expert_errors(noisy, t, hidden, {}, target)
+            return float(routing_divergence(weights, routing_targets(errors, routing.window, routing.temperature)))
+
+    plain, routed = divergence(0.0), divergence(1.0)
+    assert routed < 0.5 * plain
+    run = json.load(open(tmp_path / "1.0" / "run_config.json"))
+    assert run["routing"] == {"weight": 1.0, "window": 0.5, "temperature": 0.2}
+    metrics = [json.loads(line) for line in open(tmp_path / "1.0" / "metrics.jsonl")]
+    assert any("routing_kl" in m for m in metrics)
+
+
 def test_afa_per_expert_text_encoders_are_stacked(tokenizer):
     ensemble = small_ensemble(2)
     encoders = [small_text_encoder(tokenizer, seed=1), small_text_encoder(tokenizer, seed=2)]
