@@ -290,6 +290,10 @@ class DemoBuild:
             signal = next((r["routing_signal"] for r in st["runs"] if r.get("routing_signal")), None)
             if signal:  # measured once, before the aggregators' first step
                 shown += "; routing gain " + ", ".join(f"{f} {_fmt(v['gain'])}" for f, v in signal.items())
+            recipe = last.get("recipe") or {}
+            if recipe.get("routing_loss"):
+                shown += (f"; routing loss {_fmt(recipe['routing_loss'])} (window {_fmt(recipe['routing_window'])}, "
+                          f"temperature {_fmt(recipe['routing_temperature'])})")
             devices = "+".join(dict.fromkeys(str(r.get("device", "")) for r in st["runs"]))
             lines.append(f"| {name} | {st['status']} | {devices} | {st['minutes']:.2f} | {last.get('steps', '')} | "
                          f"{_fmt(last.get('loss_last', ''))} | {shown} | "
@@ -709,6 +713,7 @@ class DemoBuild:
                            **self.train_options("afa", self.path("afa"), budget))
         self._save_samples("afa")
         record = self._training_record(result, budget, {"aggregators": ensemble.count_parameters()})
+        record["recipe"] = {k: a[k] for k in ("batch_size", "lr", "routing_loss", "routing_window", "routing_temperature")}
         if signal is not None:
             record["routing_signal"] = signal
         return record

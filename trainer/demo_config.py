@@ -81,8 +81,9 @@ _FULL: Dict[str, Any] = {
     "afa": {"hidden": 64, "depth": 1, "heads": 4, "head_dim": 16, "steps": 1_000_000, "batch_size": 16,
             "lr": 5e-4, "warmup_steps": 50, "grad_clip": 1.0, "expert_dropout": 0.3, "expert_min_keep": 2,
             "caption_dropout": 0.1, "minutes": 180.0,
-            # weight of the routing term (trainer.train.train_afa; 0 = the paper's plain diffusion loss)
-            "routing_loss": 0.0, "routing_window": 0.4, "routing_temperature": 0.2,
+            # the routing term (trainer.train.train_afa; routing_loss 0 is the paper's plain diffusion loss, under
+            # which this trio's aggregator picked experts by layer: routing 0.371 in docs/results.md)
+            "routing_loss": 1.0, "routing_window": 0.6, "routing_temperature": 0.05,
             # scenes per family for the routing signal measured before training (trainer.routing_signal)
             "signal_n": 128},
     # adherence of sampled images, measured with the classifier at every checkpoint (at the package's guidance)
@@ -135,9 +136,16 @@ _CPU_OVERRIDES: Dict[str, Any] = {
     "expert": {"lr": 1e-3, "minutes": 12.0},
 }
 # The shipped models/demo (2026-11-27): everything up to the experts on 2 CPU cores with this recipe (base
-# 73 min, trainer/products/demo-cpu-base.tar), then the aggregator on an H200 with the cuda recipe's afa
-# section for 4.5 min (736 steps at batch 256 on the world plus its two-object set):
-#   python3 -m trainer.build_demo --device cuda --unbundle B.tar --redo --stage afa --minutes afa=4.5
+# 73 min, trainer/products/demo-cpu-base.tar). The aggregator, on the world plus its two-object set, in three
+# runs: on an H200 with the cuda recipe's afa section, 4.5 min from scratch (593 steps at batch 256), then
+# 5.2 min more (737 steps) with a stronger routing term, then 24 min on 2 CPU cores (394 steps at batch 16)
+# with this recipe's wider, sharper routing targets:
+#   python3 -m trainer.build_demo --device cuda --unbundle B.tar --redo --stage afa --minutes afa=4.5 \
+#       --set afa.routing_loss=0.2 --set afa.routing_window=0.4 --set afa.routing_temperature=0.1
+#   python3 -m trainer.build_demo --device cuda --stage afa --extend afa=5.2 \
+#       --set afa.routing_loss=1.0 --set afa.routing_window=0.4 --set afa.routing_temperature=0.1
+#   python3 -m trainer.build_demo --stage afa --extend afa=24 --set afa.lr=3e-4
+# A fresh build uses this recipe's routing values from the first step, an order not tried yet.
 # On 2 CPU cores an aggregator sees ~60 times fewer scenes in the same minutes; trained there (50 min,
 # 1,025 steps at batch 16) on these experts it scored AFA 67.6% single / 27.8% two-object (docs/results.md).
 

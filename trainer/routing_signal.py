@@ -5,6 +5,11 @@ aggregator starts from) and of the average of the experts' outputs, on the same 
 When the own expert is barely better than the uniform ensemble, the plain diffusion loss gives the
 aggregator almost nothing to learn from routing (the shipped demo experts: own 0.0600 against uniform
 0.0648 on curves; the trained aggregator's routing measured 0.34). Run it on a build: `python3 -m trainer.routing_signal`.
+
+`--pairs N` looks at two-object scenes half by half: each expert's error alone there, the routing term's
+targets (trainer.afa.routing_targets) and the aggregators' weights. For the shipped experts the own expert
+alone had about half the error of the others in its object's half, yet an aggregator trained on the plain
+diffusion loss gave it only 0.37 of that half: it matched the own expert's error by picking experts per layer.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from trainer.afa import AFAEnsemble
+from trainer.afa import AFAEnsemble, contribution_map, routing_targets
 from trainer.bpe import CLIPTokenizer
 from trainer.train import DiffusionLoss, TextConditioner, evaluating, schedule_from_config
 
@@ -92,6 +97,50 @@ def point_weights(ensemble: AFAEnsemble, text_encoder: nn.Module, tokenizer: CLI
     return out
 
 
+@torch.no_grad()
+def half_routing(ensemble: AFAEnsemble, text_encoder: nn.Module, tokenizer: CLIPTokenizer, latents: Tensor,
+                 captions: Sequence[str], half_family: Tensor, scheduler_config: Optional[Mapping[str, object]],
+                 window: float, temperature: float, seed: int = 0) -> Dict[int, Dict[str, object]]:
+    """Two-object scenes, per half: who denoises it best, and who the aggregators give it to.
+
+    latents [B,C,h,w] with captions; half_family [B,2]: the expert index of the object in the left and the
+    right half (scenes whose two objects share an expert are skipped). Returns per expert index k, over the
+    halves whose object is k's: "error" (mean squared ε error in the half of each expert alone, and last of
+    the ensemble), "own_best" (share of halves where expert k alone has the lowest error), "target" (k's
+    mean weight there under trainer.afa.routing_targets(window, temperature)) and "weight" (k's mean
+    weight there under the aggregators, all points averaged as in the contribution maps).
+    """
+    scenes = _NoisedScenes(ensemble, text_encoder, tokenizer, scheduler_config)
+    generator = torch.Generator().manual_seed(seed)
+    hidden, pooled, _ = scenes.conditioner(list(captions))
+    kwargs = {"class_labels": pooled} if scenes.needs_pooled else {}
+    x0 = latents.to(scenes.device, torch.float32)
+    noisy, t, target = scenes.diffusion.noisy_inputs(x0, generator)
+    with evaluating(ensemble):
+        predictions = [u(noisy, t, hidden, **kwargs) for u in ensemble.unets]
+        aggregated, weights = ensemble(noisy, t, hidden, **kwargs)
+    errors = torch.stack([(p.float() - target).pow(2).mean(1) for p in predictions + [aggregated]], 1)
+    targets = routing_targets(errors[:, :-1], window, temperature)
+    contributions = contribution_map(weights, x0.shape[-2:])
+    mid = x0.shape[-1] // 2
+    rows: Dict[int, List[Tuple[Tensor, int, float, float]]] = {}
+    for b in range(len(x0)):
+        if int(half_family[b, 0]) == int(half_family[b, 1]):
+            continue
+        for half, cols in enumerate((slice(0, mid), slice(mid, None))):
+            k = int(half_family[b, half])
+            e = errors[b, :, :, cols].mean((-1, -2)).cpu()
+            rows.setdefault(k, []).append((e, int(e[:-1].argmin()), float(targets[b, k, :, cols].mean()),
+                                           float(contributions[b, k, :, cols].mean())))
+    out: Dict[int, Dict[str, object]] = {}
+    for k, r in sorted(rows.items()):
+        out[k] = {"halves": len(r), "error": [round(float(v), 4) for v in torch.stack([e for e, *_ in r]).mean(0)],
+                  "own_best": round(sum(best == k for _, best, _, _ in r) / len(r), 3),
+                  "target": round(sum(q for *_, q, _ in r) / len(r), 3),
+                  "weight": round(sum(w for *_, w in r) / len(r), 3)}
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from trainer import demo_config
     from trainer.build_demo import FAMILIES, REPO_ROOT, DemoBuild
@@ -102,6 +151,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--n", type=int, default=128, help="scenes per family")
     parser.add_argument("--aggregators", help="also show, per aggregation point, the mean weight of each expert "
                                               "under these trained aggregators (an afa/final folder)")
+    parser.add_argument("--pairs", type=int, default=0, metavar="N",
+                        help="also render N two-object scenes (positions stated) and show, per half, each expert's "
+                             "error alone, the routing targets and the aggregators' weight")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     build = DemoBuild(demo_config.recipe("cpu"), args.run_dir, os.path.join(args.run_dir, "package"),
@@ -121,6 +173,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for i, point in enumerate(ensemble.points):
             cells = [" / ".join(f"{v:.2f}" for v in table[f][i]) for f in FAMILIES]
             print(f"| {i} {point.name} | " + " | ".join(cells) + " |")
+    if args.pairs:
+        from trainer import shapes
+        from trainer.build_demo import to_signed
+
+        a = build.r["afa"]
+        batch = shapes.sample_batch(args.pairs, build.r["seed"] + 77, two_object_prob=1.0, omit_prob=0.0)
+        vae = build.vae()
+        latents = torch.cat([vae.encode(to_signed(batch.images[i:i + 256]))[0].float() * vae.config.scaling_factor
+                             for i in range(0, len(batch), 256)])
+        half_family = torch.tensor([[FAMILIES.index(shapes.family_of(shapes.SHAPES[int(s)])) for s in row]
+                                    for row in batch.shape])
+        table = half_routing(ensemble, text_encoder, tokenizer, latents, batch.captions, half_family,
+                             build.r["scheduler"], a["routing_window"], a["routing_temperature"])
+        print(f"\ntwo-object scenes, per half, by the family of its object (uniform timesteps; targets with window "
+              f"{a['routing_window']}, temperature {a['routing_temperature']})\n")
+        print("| family | halves | error of " + " / ".join(FAMILIES) + " alone / ensemble | own expert best | "
+              "own expert's target weight | own expert's weight |\n|---|---|---|---|---|---|")
+        for k, r in table.items():
+            print(f"| {FAMILIES[k]} | {r['halves']} | " + " / ".join(f"{v:.4f}" for v in r["error"])
+                  + f" | {r['own_best']:.0%} | {r['target']:.2f} | {r['weight']:.2f} |")
     return 0
 
 

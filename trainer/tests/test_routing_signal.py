@@ -64,3 +64,24 @@ def test_point_weights_are_uniform_for_fresh_aggregators_and_sum_to_one(tmp_path
         ensemble.aggregators[0].to_logits.bias.copy_(torch.tensor([2.0, 0.0]))
     first = point_weights(ensemble, text_encoder, tok, data, demo_config.SCHEDULER_CONFIG, n=4)["a"][0]
     assert first[0] > 0.8 and abs(sum(first) - 1) < 1e-2
+
+
+@torch.no_grad()
+def test_half_routing_finds_the_expert_that_denoises_each_half_best(tmp_path):
+    from trainer.routing_signal import half_routing
+
+    torch.manual_seed(3)
+    good = UNet2DConditionModel(UNetConfig.tiny())
+    bad = copy.deepcopy(good)
+    for p in bad.parameters():
+        p.add_(torch.randn_like(p) * 0.5)
+    ensemble, text_encoder, tok, _ = _setup(tmp_path, [good, bad])
+    latents = torch.randn(5, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    half_family = torch.tensor([[0, 1], [1, 0], [0, 1], [1, 0], [0, 0]])  # the last scene is skipped
+    table = half_routing(ensemble, text_encoder, tok, latents, CAPTIONS + CAPTIONS[:1], half_family,
+                         demo_config.SCHEDULER_CONFIG, window=0.5, temperature=0.2)
+    assert table[0]["halves"] == table[1]["halves"] == 4
+    assert len(table[0]["error"]) == 3  # each expert alone, then the ensemble
+    assert table[0]["own_best"] == 1.0 and table[1]["own_best"] == 0.0
+    assert table[0]["target"] > 0.5 > table[1]["target"]
+    assert abs(table[0]["weight"] - 0.5) < 1e-6  # fresh aggregators are uniform
