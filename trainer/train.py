@@ -482,7 +482,7 @@ class AFAObjective(Objective):
                  device: torch.device, diffusion: DiffusionLoss, scheduler_config: Mapping[str, Any],
                  caption_dropout: float, expert_dropout: float, expert_min_keep: int,
                  vae: Optional[AutoencoderKL], compile_forward: bool, expert_ids: Optional[Sequence[str]],
-                 routing: Optional["RoutingLoss"] = None):
+                 routing: Optional[RoutingLoss] = None):
         n = ensemble.num_experts
         if len(text_encoders) != n or len(tokenizers) != n:
             raise ValueError(f"the ensemble has {n} experts: give one text encoder and tokenizer, or {n} of each")
