@@ -211,6 +211,16 @@ class AFAEnsemble(nn.Module):
                 skips.append(h)
         return h, weights
 
+    def each_alone(self, sample: Tensor, timestep, encoder_hidden_states: Tensor, **kwargs) -> List[Tensor]:
+        """Every expert's own prediction for the same input, without aggregation. encoder_hidden_states and
+        class_labels are per expert ([N,B,…]) or shared, as in forward; other keywords go to every U-Net."""
+        out = []
+        for k, unet in enumerate(self.unets):
+            own = {key: (v[k] if key == "class_labels" and v.dim() == 3 else v) for key, v in kwargs.items()}
+            hidden = encoder_hidden_states if encoder_hidden_states.dim() == 3 else encoder_hidden_states[k]
+            out.append(unet(sample, timestep, hidden, **own))
+        return out
+
     @staticmethod
     def _conditioning(tembs: Tensor, ehs: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         """Mean over present experts of the time embeddings [B,N,T] and text embeddings [N,B,M,D]."""

@@ -69,7 +69,7 @@ def routing_signal(ensemble: AFAEnsemble, text_encoder: nn.Module, tokenizer: CL
                 def loss(prediction: Tensor) -> float:
                     return float((prediction.float() - target).pow(2).flatten(1).mean(1).sum())
 
-                singles = [u(noisy, t, hidden, **kwargs) for u in ensemble.unets]
+                singles = ensemble.each_alone(noisy, t, hidden, **kwargs)
                 sums["own"] += loss(singles[own])
                 sums["output_average"] += loss(torch.stack(singles).mean(0))
                 sums["uniform"] += loss(ensemble(noisy, t, hidden, **kwargs)[0])
@@ -117,7 +117,7 @@ def half_routing(ensemble: AFAEnsemble, text_encoder: nn.Module, tokenizer: CLIP
     x0 = latents.to(scenes.device, torch.float32)
     noisy, t, target = scenes.diffusion.noisy_inputs(x0, generator)
     with evaluating(ensemble):
-        predictions = [u(noisy, t, hidden, **kwargs) for u in ensemble.unets]
+        predictions = ensemble.each_alone(noisy, t, hidden, **kwargs)
         aggregated, weights = ensemble(noisy, t, hidden, **kwargs)
     errors = torch.stack([(p.float() - target).pow(2).mean(1) for p in predictions + [aggregated]], 1)
     targets = routing_targets(errors[:, :-1], window, temperature)

@@ -548,12 +548,8 @@ class AFAObjective(Objective):
     def _expert_errors(self, noisy: Tensor, t: Tensor, hidden: Tensor, kwargs: Dict[str, Tensor],
                        target: Tensor) -> Tensor:
         """[B,N,h,w]: each expert run alone on the ensemble's input, its squared error (mean over channels)."""
-        errors = []
-        for k, unet in enumerate(self.ensemble.unets):
-            own = {key: (v if v.dim() == 2 else v[k]) for key, v in kwargs.items()}
-            prediction = unet(noisy, t, hidden if hidden.dim() == 3 else hidden[k], **own)
-            errors.append((prediction.float() - target.float()).pow(2).mean(1))
-        return torch.stack(errors, 1)
+        predictions = self.ensemble.each_alone(noisy, t, hidden, **kwargs)
+        return torch.stack([(p.float() - target.float()).pow(2).mean(1) for p in predictions], 1)
 
     def export(self, folder):
         extra: Dict[str, Any] = {"prediction_type": self.scheduler_config.get("prediction_type", "epsilon"),

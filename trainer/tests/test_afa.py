@@ -279,3 +279,16 @@ def test_routing_divergence_is_zero_only_where_every_point_matches_the_targets()
     assert float(routing_divergence([q, coarse], q)) == pytest.approx(0.0, abs=1e-6)
     uniform = torch.full((2, 3, 4, 4), 1 / 3)
     assert float(routing_divergence([q, uniform], q)) > 0.01
+
+
+@torch.no_grad()
+def test_each_alone_is_every_expert_run_by_itself():
+    unets = make_unets(3)
+    ensemble = AFAEnsemble(unets, **SMALL)
+    sample, timestep, ehs = inputs()
+    alone = ensemble.each_alone(sample, timestep, ehs)
+    assert len(alone) == 3
+    for k, unet in enumerate(unets):
+        assert torch.equal(alone[k], unet(sample, timestep, ehs[k]))
+    shared = ensemble.each_alone(sample, timestep, ehs[0])
+    assert torch.equal(shared[2], unets[2](sample, timestep, ehs[0]))

@@ -39,14 +39,19 @@ def test_identical_experts_give_no_routing_signal(tmp_path):
         assert abs(s["gain"]) < 1e-3
 
 
-@torch.no_grad()
-def test_a_useless_expert_makes_the_other_worth_routing_to(tmp_path):
+def _good_and_noisy_copy():
+    """A U-Net and a copy of it with noise added to every weight: the first denoises everything better."""
     torch.manual_seed(3)
     good = UNet2DConditionModel(UNetConfig.tiny())
     bad = copy.deepcopy(good)
     for p in bad.parameters():
         p.add_(torch.randn_like(p) * 0.5)
-    ensemble, text_encoder, tok, data = _setup(tmp_path, [good, bad])
+    return [good, bad]
+
+
+@torch.no_grad()
+def test_a_useless_expert_makes_the_other_worth_routing_to(tmp_path):
+    ensemble, text_encoder, tok, data = _setup(tmp_path, _good_and_noisy_copy())
     signal = routing_signal(ensemble, text_encoder, tok, data, ["a", "b"], demo_config.SCHEDULER_CONFIG, n=6)
     # family "a" is the good expert's: its own loss beats the blend with the noisy copy; "b" is the reverse
     assert signal["a"]["gain"] > 0 and signal["b"]["gain"] < 0
@@ -70,12 +75,7 @@ def test_point_weights_are_uniform_for_fresh_aggregators_and_sum_to_one(tmp_path
 def test_half_routing_finds_the_expert_that_denoises_each_half_best(tmp_path):
     from trainer.routing_signal import half_routing
 
-    torch.manual_seed(3)
-    good = UNet2DConditionModel(UNetConfig.tiny())
-    bad = copy.deepcopy(good)
-    for p in bad.parameters():
-        p.add_(torch.randn_like(p) * 0.5)
-    ensemble, text_encoder, tok, _ = _setup(tmp_path, [good, bad])
+    ensemble, text_encoder, tok, _ = _setup(tmp_path, _good_and_noisy_copy())
     latents = torch.randn(5, 4, 16, 16, generator=torch.Generator().manual_seed(2))
     half_family = torch.tensor([[0, 1], [1, 0], [0, 1], [1, 0], [0, 0]])  # the last scene is skipped
     table = half_routing(ensemble, text_encoder, tok, latents, CAPTIONS + CAPTIONS[:1], half_family,
