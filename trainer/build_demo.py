@@ -581,12 +581,15 @@ class DemoBuild:
             if os.path.exists(done) and os.path.getmtime(done) > os.path.getmtime(self.path("vae", "final")):
                 continue  # encoded by this VAE already (e.g. before an interruption)
             world = self.world(name)
-            chunks = []
-            for i in range(0, len(world), 512):
-                x = to_signed(world.images[i:i + 512]).to(self.device)
-                chunks.append((vae.encode(x)[0].float() * scale).half().cpu())
-            torch.save({"latents": torch.cat(chunks), "captions": world.captions, "scaling_factor": scale},
-                       self.path("latents", f"{name}.pt"))
+            torch.save({"latents": self.encode_images(vae, world.images).half(), "captions": world.captions,
+                        "scaling_factor": scale}, self.path("latents", f"{name}.pt"))
+
+    @torch.no_grad()
+    def encode_images(self, vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B,3,H,W] images → scaled latents (the posterior means, float32 on the CPU), 512 at a time."""
+        scale = float(vae.config.scaling_factor)
+        return torch.cat([(vae.encode(to_signed(images[i:i + 512]).to(self.device))[0].float() * scale).cpu()
+                          for i in range(0, len(images), 512)])
 
     def stage_base(self, budget: float) -> Dict[str, Any]:
         from trainer.train import train_unet

@@ -175,13 +175,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"| {i} {point.name} | " + " | ".join(cells) + " |")
     if args.pairs:
         from trainer import shapes
-        from trainer.build_demo import to_signed
 
         a = build.r["afa"]
         batch = shapes.sample_batch(args.pairs, build.r["seed"] + 77, two_object_prob=1.0, omit_prob=0.0)
-        vae = build.vae()
-        latents = torch.cat([vae.encode(to_signed(batch.images[i:i + 256]))[0].float() * vae.config.scaling_factor
-                             for i in range(0, len(batch), 256)])
+        latents = build.encode_images(build.vae(), batch.images)
         half_family = torch.tensor([[FAMILIES.index(shapes.family_of(shapes.SHAPES[int(s)])) for s in row]
                                     for row in batch.shape])
         table = half_routing(ensemble, text_encoder, tokenizer, latents, batch.captions, half_family,

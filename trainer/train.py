@@ -808,8 +808,9 @@ def train_afa(ensemble: AFAEnsemble, text_encoders: Union[nn.Module, Sequence[nn
               expert_dropout: float = 0.0, expert_min_keep: int = 2, snr_weighting: str = "none",
               snr_gamma: float = 5.0, vae: Optional[AutoencoderKL] = None,
               expert_ids: Optional[Sequence[str]] = None, evaluate: Optional[Evaluate] = None,
-              config: Optional[Mapping[str, Any]] = None, routing_loss: float = 0.0, routing_window: float = 0.4,
-              routing_temperature: float = 0.2, **option_overrides) -> TrainResult:
+              config: Optional[Mapping[str, Any]] = None, routing_loss: float = RoutingLoss.weight,
+              routing_window: float = RoutingLoss.window, routing_temperature: float = RoutingLoss.temperature,
+              **option_overrides) -> TrainResult:
     """Trains only the SABW aggregators of `ensemble` over its frozen experts.
 
     Defaults are the reference recipe: MSE against the schedule's target (ε for SD1.5's config) on
