@@ -13,7 +13,7 @@ interface RandnCase {
 }
 
 const golden: { cases: RandnCase[] } = JSON.parse(
-  readFileSync(new URL('../../shared/data/torch_randn_golden.json', import.meta.url), 'utf8'),
+  readFileSync(new URL('fixtures/golden/torch_randn_golden.json', import.meta.url), 'utf8'),
 );
 
 function assertClose(actual: ArrayLike<number>, expected: number[], what: string): void {

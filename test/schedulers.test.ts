@@ -40,7 +40,7 @@ interface GoldenCase {
   x_final: number[];
 }
 const golden: { train_schedule: { betas: number[]; alphas_cumprod: number[] }; cases: GoldenCase[] } = JSON.parse(
-  readFileSync(new URL('../../shared/data/scheduler_golden.json', import.meta.url), 'utf8'),
+  readFileSync(new URL('fixtures/golden/scheduler_golden.json', import.meta.url), 'utf8'),
 );
 
 const ENGINE_NAME: Record<string, SchedulerName> = {

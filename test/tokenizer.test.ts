@@ -9,7 +9,7 @@ import { promisify } from 'node:util';
 import { CONTEXT_LENGTH, ClipTokenizer, cleanText, decodeTokens } from '../src/engine/tokenizer.ts';
 
 const repoRoot = fileURLToPath(new URL('..', import.meta.url));
-const clipDir = path.resolve(repoRoot, '../shared/data/clip');
+const clipDir = path.join(repoRoot, 'test/fixtures/golden/clip');
 const golden: { bos: number; eos: number; cases: { text: string; ids: number[] }[] } = JSON.parse(
   await readFile(path.join(clipDir, 'clip_golden.json'), 'utf8'),
 );

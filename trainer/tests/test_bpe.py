@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from trainer.tests.golden import CLIP_DIR
 from trainer.bpe import (
     BOS_TOKEN,
     EOS_TOKEN,
@@ -16,8 +17,6 @@ from trainer.bpe import (
 )
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CLIP_DIR = os.path.join(REPO_ROOT, "..", "shared", "data", "clip")
-needs_clip = pytest.mark.skipif(not os.path.exists(os.path.join(CLIP_DIR, "vocab.json")), reason="no shared CLIP data")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +39,6 @@ def _shape_captions():
     return captions
 
 
-@needs_clip
 def test_matches_golden_ids(clip_tokenizer):
     with open(os.path.join(CLIP_DIR, "clip_golden.json")) as f:
         golden = json.load(f)
@@ -51,7 +49,6 @@ def test_matches_golden_ids(clip_tokenizer):
         assert clip_tokenizer.encode(case["text"]) == case["ids"], case["text"]
 
 
-@needs_clip
 def test_batch_layout_padding_and_truncation(clip_tokenizer):
     ids, mask = clip_tokenizer(["a photo of a cat", "cat " * 200], return_attention_mask=True)
     assert ids.shape == (2, 77) and str(ids.dtype) == "torch.int64"
@@ -65,14 +62,12 @@ def test_batch_layout_padding_and_truncation(clip_tokenizer):
     assert clip_tokenizer("").tolist() == [[49406] + [49407] * 76]
 
 
-@needs_clip
 def test_byte_alphabet_and_specials_match_real_vocab(clip_tokenizer):
     alphabet = list(bytes_to_unicode().values())
     assert [clip_tokenizer.encoder[c] for c in alphabet] == list(range(256))
     assert [clip_tokenizer.encoder[c + "</w>"] for c in alphabet] == list(range(256, 512))
 
 
-@needs_clip
 def test_decode_round_trip(clip_tokenizer):
     text = "a red circle on a blue background, café"
     ids = clip_tokenizer(text)[0].tolist()

@@ -1,10 +1,10 @@
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from trainer.tests.golden import GOLDEN_DIR, SCHEDULER_GOLDEN
 from trainer.sampler import (
     DDIMScheduler,
     EulerDiscreteScheduler,
@@ -14,11 +14,8 @@ from trainer.sampler import (
     sample,
 )
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-GOLDEN_FILE = DATA / "scheduler_golden.json"
-GOLDEN = json.loads(GOLDEN_FILE.read_text()) if GOLDEN_FILE.exists() else {"cases": []}
+GOLDEN = json.loads(SCHEDULER_GOLDEN.read_text())
 CASES = [c for c in GOLDEN["cases"] if c["scheduler"] in ("DDIMScheduler", "EulerDiscreteScheduler")]
-needs_golden = pytest.mark.skipif(not GOLDEN_FILE.exists(), reason="needs ../shared/data (golden files)")
 SD15 = {
     "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
     "steps_offset": 1, "prediction_type": "epsilon", "timestep_spacing": "leading", "set_alpha_to_one": False,
@@ -32,7 +29,6 @@ def fake_model(x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Te
     return (0.5 * x.double() * torch.cos(t64 / 300) + 0.1 * torch.sin(t64 / 50)).float()
 
 
-@needs_golden
 def test_golden_file_has_ddim_and_euler_cases():
     names = {c["id"] for c in CASES}
     assert {"ddim_leading_50", "ddim_trailing_20", "euler_linspace_20", "euler_leading_karras_20"} <= names
@@ -62,9 +58,8 @@ def test_trajectory_matches_diffusers_golden(case):
     assert result.contributions is None
 
 
-@needs_golden
 def test_initial_latents_use_one_generator_per_image():
-    golden = json.loads((DATA / "torch_randn_golden.json").read_text())["cases"][0]
+    golden = json.loads((GOLDEN_DIR / "torch_randn_golden.json").read_text())["cases"][0]
     shape = golden["shape"]
     first = initial_latents([2] + shape[1:], golden["seed"] - 1, torch.tensor(1.0))
     assert first[1].flatten()[: len(golden["first"])].tolist() == pytest.approx(golden["first"], abs=1e-7)

@@ -1,13 +1,13 @@
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
+from trainer.tests.golden import SCHEDULER_GOLDEN
 from trainer.schedules import NoiseSchedule, betas_from_config, min_snr_weights
 
-GOLDEN = Path(__file__).resolve().parents[3] / "shared" / "data" / "scheduler_golden.json"
+GOLDEN = SCHEDULER_GOLDEN
 
 SD15 = {
     "num_train_timesteps": 1000,
@@ -29,7 +29,6 @@ def test_sd15_alphas_cumprod_endpoints():
     assert sigma_max == pytest.approx(14.6146, abs=1e-4)
 
 
-@pytest.mark.skipif(not GOLDEN.exists(), reason="needs ../shared/data (golden files)")
 def test_sd15_schedule_matches_golden_train_schedule():
     golden = json.loads(GOLDEN.read_text())["train_schedule"]
     schedule = NoiseSchedule.from_config(SD15)

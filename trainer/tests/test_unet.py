@@ -1,12 +1,12 @@
 import io
 import json
 import math
-import os
 from typing import List
 
 import pytest
 import torch
 
+from trainer.tests.golden import SD15_UNET_KEYS
 from trainer.unet import (
     Attention,
     PointSpec,
@@ -16,8 +16,7 @@ from trainer.unet import (
     timestep_embedding,
 )
 
-KEYS_JSON = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data",
-                         "sd15_unet_diffusers_keys.json")
+KEYS_JSON = SD15_UNET_KEYS
 
 # unet/config.json of runwayml/stable-diffusion-v1-5 as diffusers writes it.
 SD15_DIFFUSERS_CONFIG = {
@@ -97,7 +96,6 @@ def test_sd15_on_meta_has_sd15_size_without_allocating():
     assert all(p.is_meta for p in model.parameters())
 
 
-@pytest.mark.skipif(not os.path.exists(KEYS_JSON), reason="no shared SD1.5 key list (../shared/data)")
 def test_sd15_on_meta_matches_diffusers_keys_and_shapes():
     with open(KEYS_JSON) as f:
         reference = json.load(f)
