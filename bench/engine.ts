@@ -76,8 +76,11 @@ const step = {
 let torchOverEngine: number | null = null;
 const torchScript = path.resolve('trainer/bench_reference.py');
 if (existsSync(torchScript)) {
-  const py = ['/usr/bin/python3', 'python3'].find((p) => spawnSync(p, ['-c', 'import torch'], { stdio: 'ignore' }).status === 0);
-  if (py) {
+  // Debian's python3 (or PYTHON), as the trainer's tests use: a pyenv/venv python3 first on PATH has no torch
+  const py = process.env.PYTHON || '/usr/bin/python3';
+  if (spawnSync(py, ['-c', 'import torch'], { stdio: 'ignore' }).status !== 0) {
+    log(`torch reference not measured: ${py} cannot import torch (bash scripts/prerequisites.sh installs it, or set PYTHON)`);
+  } else {
     const run = spawnSync(py, [torchScript, '--model-dir', modelDir, '--steps', String(steps), '--rounds', String(rounds)], {
       encoding: 'utf8',
       env: { ...process.env, OMP_WAIT_POLICY: 'PASSIVE', PYTHONPATH: path.resolve('.') },
