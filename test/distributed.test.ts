@@ -17,6 +17,7 @@ import { RemoteEngineClient } from '../src/distributed/remote-engine.ts';
 import { publishPackage } from '../src/distributed/registry.ts';
 import { WorkerHost } from '../src/distributed/worker-host.ts';
 import { EngineWorker, startEngineWorker } from '../src/worker/engine-worker.ts';
+import { StepHold } from '../src/worker/step-hold.ts';
 import { copyOfTiny, REPO_ROOT, TINY } from './helpers/fixture.ts';
 import { startRedis, type TestRedis } from './support/redis.ts';
 
@@ -290,28 +291,31 @@ describe('distributed mode with two worker processes', () => {
 
   test('a worker whose engine thread dies mid-job stops and leaves the job to another worker', async () => {
     // A package of its own, so that only these two in-process workers see the job.
-    const renamed = (engine: EngineClient): EngineClient => ({
+    const renamed = (engine: EngineWorker, hold?: StepHold): EngineClient => ({
       info: async () => ({ ...(await engine.info()), name: 'fragile' }),
-      generate: (request, options) => engine.generate(request, options),
+      generate: (request, options) => engine.generate(request, { ...options, hold }),
       dispose: () => engine.dispose(),
     });
     const timings = { lockDurationMs: 1500, stalledIntervalMs: 500, heartbeatMs: 500 };
     const doomedEngine = await EngineWorker.start({ modelDir: TINY });
+    // the doomed thread stops after step 1 until the test has asked it to crash
+    const hold = new StepHold(1);
     const lost: EngineError[] = [];
-    const dying = await WorkerHost.start({ redisUrl: redis.url, engine: renamed(doomedEngine), workerId: 'fragile-1', logger: quiet, timings, onEngineLost: (e) => lost.push(e) });
+    const dying = await WorkerHost.start({ redisUrl: redis.url, engine: renamed(doomedEngine, hold), workerId: 'fragile-1', logger: quiet, timings, onEngineLost: (e) => lost.push(e) });
     const fragileClient = await RemoteEngineClient.connect({ redisUrl: redis.url, owner: 'test-bot', packageId: 'fragile@1.0.0', logger: quiet, checkIntervalMs: 1000 });
     let rescuer: WorkerHost | undefined;
     let rescuerEngine: EngineClient | undefined;
     try {
-      // the thread ends at the step boundary after crash(): a job of 50 steps is still under way then
+      // the thread ends at the step boundary after crash(), which the hold keeps it at
       const job = track(fragileClient, { ...fast(600), steps: 50 });
       await waitUntil(() => job.progress.length >= 1, 60_000, 'the job under way');
       doomedEngine.crash();
+      hold.release();
       await waitUntil(() => lost.length === 1, 20_000, 'the worker to give up');
       assert.equal(lost[0].code, 'unavailable');
       assert.equal(doomedEngine.stopped, true);
 
-      rescuerEngine = renamed(await startEngineWorker({ modelDir: TINY }));
+      rescuerEngine = renamed(await EngineWorker.start({ modelDir: TINY }));
       rescuer = await WorkerHost.start({ redisUrl: redis.url, engine: rescuerEngine, workerId: 'fragile-2', logger: quiet, timings });
       const result = await job.outcome;
       assert.equal(result.params.steps, 50);

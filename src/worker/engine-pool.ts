@@ -2,6 +2,7 @@
 // QUEUE_CONCURRENCY jobs really run at the same time (one thread runs one job at a time).
 import os from 'node:os';
 import type { EngineClient, GenerateRequest, GenerateResult, PackageInfo, ProgressEvent } from '../engine/api.ts';
+import type { EngineThreadCallOptions } from './engine-worker.ts';
 import type { EngineThreadOptions } from './protocol.ts';
 import { startSupervisedEngine, type SupervisorOptions } from './supervised-engine.ts';
 
@@ -23,7 +24,7 @@ export class EnginePool implements EngineClient {
 
   async generate(
     request: GenerateRequest,
-    options?: { signal?: AbortSignal; onProgress?: (event: ProgressEvent) => void },
+    options?: EngineThreadCallOptions,
   ): Promise<GenerateResult> {
     let pick = 0;
     for (let i = 1; i < this.members.length; i++) if (this.busy[i] < this.busy[pick]) pick = i;

@@ -3,10 +3,12 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { EngineError, type GenerateResult } from '../engine/api.ts';
 import { Engine } from '../engine/pipeline.ts';
-import type { EngineThreadOptions, FromThread, SerializedError, ToThread } from './protocol.ts';
+import type { EngineThreadData, FromThread, SerializedError, ToThread } from './protocol.ts';
+import { JobControl } from './step-hold.ts';
 
 const port = parentPort!;
-const options = workerData as EngineThreadOptions;
+const { options, exitCode } = workerData as EngineThreadData;
+const exitCell = new Int32Array(exitCode);
 const send = (message: FromThread, transfer: ArrayBuffer[] = []) => port.postMessage(message, transfer);
 
 function serialize(err: unknown): SerializedError {
@@ -35,14 +37,13 @@ try {
 
 let chain: Promise<void> = Promise.resolve();
 let busy = false;
-let exitCode: number | undefined;
+// never inside a native session.run: between steps, or when idle
 const exitIfAsked = () => {
-  if (exitCode !== undefined) process.exit(exitCode);
+  const code = Atomics.load(exitCell, 0);
+  if (code !== 0) process.exit(code);
 };
 port.on('message', (message: ToThread) => {
   if (message.type === 'exit') {
-    // never inside a native session.run: exit now if idle, else at the next step boundary
-    exitCode = message.code;
     if (!busy) exitIfAsked();
     return;
   }
@@ -53,17 +54,21 @@ port.on('message', (message: ToThread) => {
     });
     return;
   }
-  const { id, request, cancel } = message;
-  const flag = new Int32Array(cancel);
+  const { id, request } = message;
+  const control = new JobControl(message.control);
   chain = chain.then(async () => {
     busy = true;
     try {
       const result = await engine.generate(request, {
         isCancelled: () => {
           exitIfAsked();
-          return Atomics.load(flag, 0) !== 0;
+          return control.cancelled;
         },
-        onProgress: (event) => send({ type: 'progress', id, event }),
+        onProgress: (event) => {
+          const held = control.arriveAt(event.step);
+          send({ type: 'progress', id, event });
+          if (held) control.waitWhileHeld();
+        },
       });
       send({ type: 'result', id, result }, transferables(result));
     } catch (err) {

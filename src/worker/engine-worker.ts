@@ -8,7 +8,11 @@ import {
   type PackageInfo,
   type ProgressEvent,
 } from '../engine/api.ts';
-import type { EngineThreadOptions, FromThread, SerializedError, ToThread } from './protocol.ts';
+import type { EngineThreadData, EngineThreadOptions, FromThread, SerializedError, ToThread } from './protocol.ts';
+import { JobControl, type StepHold } from './step-hold.ts';
+
+/** generate()'s options on an engine thread: a `hold` stops the job after one of its steps (tests' hand-offs). */
+export type EngineThreadCallOptions = { signal?: AbortSignal; onProgress?: (event: ProgressEvent) => void; hold?: StepHold };
 
 interface Pending {
   resolve: (result: GenerateResult) => void;
@@ -45,6 +49,7 @@ export class EngineWorker implements EngineClient {
   private constructor(
     private readonly worker: Worker,
     private readonly packageInfo: PackageInfo,
+    private readonly exitCell: Int32Array,
   ) {
     worker.on('message', (m: FromThread) => this.onMessage(m));
     worker.on('error', (err) => this.failAll(`The engine crashed: ${err.message}`, 'unavailable'));
@@ -55,13 +60,14 @@ export class EngineWorker implements EngineClient {
   }
 
   static start(options: EngineThreadOptions): Promise<EngineWorker> {
-    const worker = spawnThread(new URL('./engine-thread.ts', import.meta.url), options);
+    const data: EngineThreadData = { options, exitCode: new SharedArrayBuffer(Int32Array.BYTES_PER_ELEMENT) };
+    const worker = spawnThread(new URL('./engine-thread.ts', import.meta.url), data);
     return new Promise((resolve, reject) => {
       const onMessage = (m: FromThread) => {
         if (m.type === 'ready') {
           worker.off('message', onMessage);
           worker.off('exit', onExit);
-          resolve(new EngineWorker(worker, m.info));
+          resolve(new EngineWorker(worker, m.info, new Int32Array(data.exitCode)));
         } else if (m.type === 'load-error') {
           worker.off('message', onMessage);
           reject(toError(m.error));
@@ -80,15 +86,14 @@ export class EngineWorker implements EngineClient {
 
   generate(
     request: GenerateRequest,
-    options: { signal?: AbortSignal; onProgress?: (event: ProgressEvent) => void } = {},
+    options: EngineThreadCallOptions = {},
   ): Promise<GenerateResult> {
     if (this.exited) return Promise.reject(new EngineError('unavailable', 'The engine is not running.'));
     if (options.signal?.aborted) return Promise.reject(new EngineError('cancelled', 'The generation was cancelled.'));
     const id = this.nextId++;
-    const cancel = new SharedArrayBuffer(4);
-    const flag = new Int32Array(cancel);
+    const control = options.hold?.control ?? new JobControl();
     return new Promise((resolve, reject) => {
-      const onAbort = () => Atomics.store(flag, 0, 1);
+      const onAbort = () => control.cancel();
       options.signal?.addEventListener('abort', onAbort, { once: true });
       this.pending.set(id, {
         resolve,
@@ -96,7 +101,7 @@ export class EngineWorker implements EngineClient {
         onProgress: options.onProgress,
         cleanup: () => options.signal?.removeEventListener('abort', onAbort),
       });
-      this.post({ type: 'generate', id, request, cancel });
+      this.post({ type: 'generate', id, request, control: control.buffer });
     });
   }
 
@@ -151,7 +156,8 @@ export class EngineWorker implements EngineClient {
    * session.run aborts the whole process, so this never does that.)
    */
   crash(code = 70): void {
-    this.post({ type: 'exit', code });
+    Atomics.store(this.exitCell, 0, code);
+    this.post({ type: 'exit' });
   }
 
   private failAll(message: string, code: EngineError['code'] = 'internal'): void {

@@ -15,10 +15,17 @@ export interface SerializedError {
 }
 
 export type ToThread =
-  | { type: 'generate'; id: number; request: GenerateRequest; cancel: SharedArrayBuffer }
+  /** `control`: a JobControl's buffer (cancellation and holds, read at step boundaries). */
+  | { type: 'generate'; id: number; request: GenerateRequest; control: SharedArrayBuffer }
   | { type: 'dispose' }
-  /** End the thread abruptly at its next safe point (between steps), as a crash would. */
-  | { type: 'exit'; code: number };
+  /** End the thread now if it is idle (a running job sees the thread's exit cell at its next step). */
+  | { type: 'exit' };
+
+/** What the thread is started with: its options, and a cell holding an exit code to end with (0: none). */
+export interface EngineThreadData {
+  options: EngineThreadOptions;
+  exitCode: SharedArrayBuffer;
+}
 
 export type FromThread =
   | { type: 'ready'; info: PackageInfo }

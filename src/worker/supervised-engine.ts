@@ -1,7 +1,7 @@
 // An EngineClient that survives the death of its engine thread: the thread is started again, and a
 // job that was running when it died is run once more on the fresh one before it is given up.
 import { EngineError, type EngineClient, type GenerateRequest, type GenerateResult, type PackageInfo, type ProgressEvent } from '../engine/api.ts';
-import { EngineWorker } from './engine-worker.ts';
+import { EngineWorker, type EngineThreadCallOptions } from './engine-worker.ts';
 import type { EngineThreadOptions } from './protocol.ts';
 
 export interface SupervisorOptions {
@@ -47,7 +47,7 @@ export class SupervisedEngine implements EngineClient {
 
   async generate(
     request: GenerateRequest,
-    options: { signal?: AbortSignal; onProgress?: (event: ProgressEvent) => void } = {},
+    options: EngineThreadCallOptions = {},
   ): Promise<GenerateResult> {
     const attempts = this.supervisor.attempts ?? 2;
     for (let attempt = 1; ; attempt++) {
