@@ -13,7 +13,7 @@ if ! "$PY" -c "import $PY_MODULES" >/dev/null 2>&1; then
     echo "PYTHON=$PYTHON cannot import $PY_MODULES: unset PYTHON to use Debian's /usr/bin/python3, or install them there" >&2
     exit 1
   fi
-  missing+=(python3-torch python3-onnx python3-numpy python3-pytest)
+  missing+=(python3-torch python3-onnx python3-numpy python3-pytest python3-jsonschema)
 fi
 command -v "${REDIS_SERVER:-redis-server}" >/dev/null 2>&1 || missing+=(redis-server)
 # Debian's torch falls back to the reference BLAS without OpenBLAS: training about 7x slower

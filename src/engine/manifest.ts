@@ -6,65 +6,187 @@ import { EngineError, SCHEDULER_NAMES } from './api.ts';
 export const MANIFEST_FORMAT = 'ensemble-diffusion-package';
 export const SUPPORTED_FORMAT_VERSIONS = [1];
 
-const id = z.string().regex(/^[a-z0-9][a-z0-9_.-]*$/i, 'ids are letters, digits, "_", "-" or "."');
+// The one definition of manifest.json's structure. docs/manifest.schema.json is generated from it
+// (`npm run schema`; test/manifest-schema.test.ts fails while the committed file differs) and
+// trainer/manifest_schema.py validates against that file, so edit here, then regenerate. Every rule
+// must survive z.toJSONSchema: a .refine() says what it checks again in .meta() (anyOf, uniqueItems)
+// so that the JSON Schema has it too. Rules across fields live in crossFieldRules below (and in
+// cross_field_problems in trainer/manifest_schema.py); that the files exist, in loadManifest.
+
+/** Letters, digits, "_", "-", "." (no i flag: JSON Schema patterns carry no flags). */
+const ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]*$/;
+const id = z.string().regex(ID_PATTERN, 'ids are letters, digits, "_", "-" or "."');
+/** A path relative to the package folder. */
+const relPath = z.string().min(1);
+const positiveInt = z.number().int().positive();
+
+const EXPERT_NEEDS = 'needs "unet" (a graph) or "path" (an Optimum SD folder)';
 
 const expertSchema = z
-  .object({
+  .strictObject({
     id,
-    title: z.string().optional(),
+    title: z.string().optional().describe('shown to users; default: the id capitalised'),
     description: z.string().default(''),
-    path: z.string().optional(),
-    unet: z.string().optional(),
-    text_encoder: z.string().optional(),
-    tokenizer: z.string().optional(),
-    architecture: z.string().optional(),
+    path: relPath.optional().describe('an Optimum SD export folder: unet, text_encoder and tokenizer default to its own'),
+    unet: relPath.optional().describe('the U-Net graph'),
+    text_encoder: relPath.optional().describe("the expert's own text encoder; default: the package's"),
+    tokenizer: relPath.optional().describe("the expert's own tokenizer folder; default: the package's"),
+    architecture: z.string().optional().describe('equal tags = identical graph structure (mergeable)'),
   })
-  .refine((e) => e.unet !== undefined || e.path !== undefined, {
-    message: 'an expert needs "unet" (a graph) or "path" (an Optimum SD folder)',
-  });
+  .refine((e) => e.unet !== undefined || e.path !== undefined, { message: EXPERT_NEEDS })
+  .meta({ anyOf: [{ required: ['unet'] }, { required: ['path'] }], errorMessage: EXPERT_NEEDS });
 
-const ensembleSchema = z.object({
+const ensembleSchema = z.strictObject({
   id,
-  title: z.string().optional(),
+  title: z.string().optional().describe('shown to users; default: the id capitalised'),
   description: z.string().default(''),
   method: z.literal('afa').default('afa'),
-  experts: z.array(id).min(2),
-  graph: z.string(),
-  subsets: z.boolean().default(false),
+  experts: z
+    .array(id)
+    .min(2)
+    .refine((ids) => new Set(ids).size === ids.length, { message: 'lists an expert twice' })
+    .meta({ uniqueItems: true, description: "ids of listed experts, in the order of the graph's N axis" }),
+  graph: relPath.describe('the fused AFA graph'),
+  subsets: z
+    .boolean()
+    .default(false)
+    .describe(
+      'true: the graph takes expert_mask and was trained with expert dropout, so any subset of the experts runs on it; ' +
+        'false (the default, as a graph without expert_mask): only all of them together',
+    ),
 });
 
-const manifestSchema = z.object({
+const size = z.strictObject({ min: positiveInt, max: positiveInt });
+const limitDefaults = { max_steps: 150, max_count: 4 };
+
+const manifestObject = z.strictObject({
   format: z.literal(MANIFEST_FORMAT),
-  format_version: z.number().int(),
+  format_version: z.literal(SUPPORTED_FORMAT_VERSIONS),
   name: z.string().min(1),
   version: z.string().default('0.0.0'),
   description: z.string().default(''),
-  latent: z.object({
-    channels: z.number().int().positive(),
-    downsample: z.number().int().positive(),
+  latent: z.strictObject({
+    channels: positiveInt,
+    downsample: positiveInt.describe('pixels per latent cell; sizes are multiples of it'),
     scale_factor: z.number().positive(),
   }),
-  tokenizer: z.string().default('tokenizer'),
-  text_encoder: z.string().default('text_encoder/model.onnx'),
-  vae_decoder: z.string().default('vae_decoder/model.onnx'),
-  scheduler: z.string().default('scheduler/scheduler_config.json'),
-  defaults: z.object({
+  tokenizer: relPath.default('tokenizer').describe('folder with vocab.json and merges.txt'),
+  text_encoder: relPath.default('text_encoder/model.onnx'),
+  vae_decoder: relPath.default('vae_decoder/model.onnx'),
+  scheduler: relPath.default('scheduler/scheduler_config.json').describe('diffusers scheduler config'),
+  defaults: z.strictObject({
     steps: z.number().int().min(1).max(1000),
     guidance: z.number().min(0).max(50),
     scheduler: z.enum(SCHEDULER_NAMES as [string, ...string[]]),
-    width: z.number().int().positive(),
-    height: z.number().int().positive(),
+    width: positiveInt,
+    height: positiveInt,
   }),
-  size: z
-    .object({ min: z.number().int().positive(), max: z.number().int().positive() })
-    .optional(),
+  size: size
+    .optional()
+    .describe('allowed image sides in pixels; default: [max(downsample, floor(natural / 2)), 2 * natural], natural = max(defaults.width, defaults.height)'),
   limits: z
-    .object({ max_steps: z.number().int().positive().default(150), max_count: z.number().int().positive().default(4) })
-    .default({ max_steps: 150, max_count: 4 }),
-  display: z.object({ width: z.number().int().positive(), height: z.number().int().positive() }).optional(),
+    .strictObject({ max_steps: positiveInt.default(limitDefaults.max_steps), max_count: positiveInt.default(limitDefaults.max_count) })
+    .default(limitDefaults),
+  display: z.strictObject({ width: positiveInt, height: positiveInt }).optional().describe('upscale images to this for display'),
   experts: z.array(expertSchema).min(1),
   ensembles: z.array(ensembleSchema).default([]),
 });
+
+type Issue = { path: (string | number)[]; message: string };
+
+/**
+ * The manifest's rules across fields, which JSON Schema does not express; the same list as
+ * cross_field_problems in trainer/manifest_schema.py. Runs on data of the right types.
+ */
+function crossFieldRules(m: z.output<typeof manifestObject>): Issue[] {
+  const issues: Issue[] = [];
+  const seen = new Set<string>();
+  const ids: [string, (string | number)[]][] = [
+    ...m.experts.map((e, k): [string, (string | number)[]] => [e.id, ['experts', k, 'id']]),
+    ...m.ensembles.map((e, k): [string, (string | number)[]] => [e.id, ['ensembles', k, 'id']]),
+  ];
+  for (const [x, where] of ids) {
+    if (seen.has(x)) issues.push({ path: where, message: `the id "${x}" is used twice` });
+    seen.add(x);
+  }
+  const experts = new Set(m.experts.map((e) => e.id));
+  m.ensembles.forEach((ens, k) =>
+    ens.experts.forEach((x, j) => {
+      if (!experts.has(x)) issues.push({ path: ['ensembles', k, 'experts', j], message: `names unknown expert "${x}"` });
+    }),
+  );
+  const d = m.latent.downsample;
+  if (m.size !== undefined) {
+    if (m.size.min > m.size.max) issues.push({ path: ['size', 'min'], message: `${m.size.min} > size.max ${m.size.max}` });
+    for (const k of ['min', 'max'] as const) {
+      if (m.size[k] % d) issues.push({ path: ['size', k], message: `${m.size[k]} is not a multiple of latent.downsample ${d}` });
+    }
+  }
+  for (const k of ['width', 'height'] as const) {
+    const v = m.defaults[k];
+    if (v % d) issues.push({ path: ['defaults', k], message: `${v} is not a multiple of latent.downsample ${d}` });
+    if (m.size !== undefined && (v < m.size.min || v > m.size.max)) {
+      issues.push({ path: ['defaults', k], message: `${v} is outside size [${m.size.min}, ${m.size.max}]` });
+    }
+  }
+  return issues;
+}
+
+const manifestSchema = manifestObject
+  .superRefine((m, ctx) => {
+    for (const issue of crossFieldRules(m)) ctx.addIssue({ code: 'custom', ...issue });
+  })
+  .meta({
+    title: 'manifest.json of an ensemble-diffusion model package (format_version 1)',
+    description: 'See docs/model-package.md. Paths are relative to the package folder.',
+    $comment:
+      'Generated from src/engine/manifest.ts by `npm run schema`: edit there, not here. Not expressed here, ' +
+      'and checked in code by both readers (crossFieldRules in src/engine/manifest.ts, cross_field_problems in ' +
+      'trainer/manifest_schema.py): ids unique across experts and ensembles; an ensemble names listed experts; ' +
+      'size.min <= size.max; size and defaults.width/height are multiples of latent.downsample; defaults inside size. ' +
+      '"errorMessage" is an annotation: the message for its anyOf. Files and graphs are checked with the package at hand.',
+  });
+
+/** docs/manifest.schema.json: the JSON Schema (draft 2020-12) of what manifest.json may contain. */
+export function manifestJsonSchema(): Record<string, unknown> {
+  const { $schema, title, description, $comment, ...rules } = z.toJSONSchema(manifestSchema, {
+    target: 'draft-2020-12',
+    io: 'input',
+    unrepresentable: 'throw',
+  });
+  return { $schema, title, description, $comment, ...rules };
+}
+
+/** `experts[0].id`: a zod issue path as the manifest's readers write it. */
+export function fieldPath(at: readonly PropertyKey[]): string {
+  let out = '';
+  for (const key of at) out += typeof key === 'number' ? `[${key}]` : `${out ? '.' : ''}${String(key)}`;
+  return out || '(root)';
+}
+
+/**
+ * Validates parsed manifest.json content (structure, defaults, cross-field rules; no files) and
+ * returns it with the schema's defaults applied. `source` names it in errors.
+ */
+export function parseManifest(json: unknown, source = 'manifest.json'): RawManifest {
+  // A newer package fails on its version alone, not on every field that version changed.
+  const head = typeof json === 'object' && json !== null ? (json as { format?: unknown; format_version?: unknown }) : {};
+  const version = head.format_version;
+  if (head.format === MANIFEST_FORMAT && typeof version === 'number' && !SUPPORTED_FORMAT_VERSIONS.includes(version)) {
+    throw new EngineError(
+      'bad_package',
+      `${source} has format_version ${version}; this engine reads ${SUPPORTED_FORMAT_VERSIONS.join(', ')}.`,
+    );
+  }
+  const parsed = manifestSchema.safeParse(json, {
+    error: (issue) => (issue.code === 'invalid_type' && issue.input === undefined ? 'required' : undefined),
+  });
+  if (!parsed.success) {
+    const problems = parsed.error.issues.map((i) => `${fieldPath(i.path)}: ${i.message}`);
+    throw new EngineError('bad_package', `${source} is not a valid manifest:\n  ${problems.join('\n  ')}`);
+  }
+  return parsed.data;
+}
 
 export type RawManifest = z.infer<typeof manifestSchema>;
 
@@ -127,18 +249,7 @@ export async function loadManifest(dir: string): Promise<Manifest> {
   } catch (err) {
     throw new EngineError('bad_package', `${file} is not valid JSON: ${(err as Error).message}`);
   }
-  const parsed = manifestSchema.safeParse(json);
-  if (!parsed.success) {
-    const problems = parsed.error.issues.map((i) => `${i.path.join('.') || '(root)'}: ${i.message}`);
-    throw new EngineError('bad_package', `${file} is not a valid manifest:\n  ${problems.join('\n  ')}`);
-  }
-  const m = parsed.data;
-  if (!SUPPORTED_FORMAT_VERSIONS.includes(m.format_version)) {
-    throw new EngineError(
-      'bad_package',
-      `${file} has format_version ${m.format_version}; this engine reads ${SUPPORTED_FORMAT_VERSIONS.join(', ')}.`,
-    );
-  }
+  const m = parseManifest(json, file);
   const abs = (p: string) => path.resolve(root, p);
   const experts: ExpertEntry[] = m.experts.map((e) => {
     const base = e.path !== undefined ? abs(e.path) : undefined;
@@ -153,18 +264,6 @@ export async function loadManifest(dir: string): Promise<Manifest> {
       architecture: e.architecture,
     };
   });
-  const seen = new Set<string>();
-  for (const x of [...experts.map((e) => e.id), ...m.ensembles.map((e) => e.id)]) {
-    if (seen.has(x)) throw new EngineError('bad_package', `${file}: the id "${x}" is used twice.`);
-    seen.add(x);
-  }
-  for (const ens of m.ensembles) {
-    for (const x of ens.experts) {
-      if (!experts.some((e) => e.id === x)) {
-        throw new EngineError('bad_package', `${file}: ensemble "${ens.id}" names unknown expert "${x}".`);
-      }
-    }
-  }
   const multiple = m.latent.downsample;
   const natural = Math.max(m.defaults.width, m.defaults.height);
   const size = m.size ?? { min: Math.max(multiple, Math.floor(natural / 2)), max: natural * 2 };
