@@ -87,10 +87,9 @@ test('🧩 on a single-model image and 🗑️ by a stranger get ephemeral expla
 
 test('reacting 🔁 reruns with a new seed and replies to the original; the bot\'s own 🔁 does not', async () => {
   const { message } = await firstResult('a yellow star');
+  const replies = () => h.fake.channelMessages().filter((m) => m.replyTo === message.id);
   // The bot adds 🔁 itself so people can click it; that reaction must not start a job.
   await h.fake.waitFor(() => message.reactions.get('🔁')?.has(h.fake.botUser.id), 5000, 'bot reaction');
-  await new Promise((r) => setTimeout(r, 100));
-  assert.equal(h.fake.channelMessages().filter((m) => m.replyTo === message.id).length, 0);
 
   const fan = h.fake.user('fan');
   h.fake.react(message.id, '🔁', fan);
@@ -99,6 +98,11 @@ test('reacting 🔁 reruns with a new seed and replies to the original; the bot\
     20_000,
     'rerun reply',
   );
+  // Ordering barrier: the fake gateway sends events in order and the bot handles them in order, on
+  // the same path (a 🔁 is looked up, then submitted). The fan's 🔁 came after the bot's own, so by
+  // the time it produced a result, a job started by the bot's reaction would already be stored.
+  assert.deepEqual(h.bot.store.recentOfUser(h.fake.botUser.id), [], 'the bot\'s own 🔁 started no job');
+  assert.deepEqual(replies().map((m) => m.id), [rerun.id]);
   assert.ok(rerun.content.includes(`<@${fan.id}>`));
   const seedBefore = pngParameters(message.attachments[0].data).seed;
   const seedAfter = pngParameters(rerun.attachments[0].data).seed;
@@ -108,8 +112,16 @@ test('reacting 🔁 reruns with a new seed and replies to the original; the bot\
   assert.equal(job?.userId, fan.id);
   assert.equal(job?.reply.type, 'channel');
 
-  // Other emoji are ignored.
+  // Other emoji are ignored. Barrier again: a 🔁 from someone else after the 👍 must give a result;
+  // by then a job started by the 👍 would be stored (and submitted before the second rerun).
   h.fake.react(message.id, '👍', fan);
-  await new Promise((r) => setTimeout(r, 200));
-  assert.equal(h.fake.channelMessages().filter((m) => m.replyTo === message.id).length, 1);
+  const other = h.fake.user('other fan');
+  h.fake.react(message.id, '🔁', other);
+  const second = await h.fake.waitFor(
+    () => h.fake.channelMessages().find((m) => m.replyTo === message.id && isResult(m) && m.content.includes(`<@${other.id}>`)),
+    20_000,
+    'second rerun reply',
+  );
+  assert.deepEqual(h.bot.store.recentOfUser(fan.id).map((j) => j.id), [job.id], '👍 started no job');
+  assert.deepEqual(replies().map((m) => m.id), [rerun.id, second.id]);
 });

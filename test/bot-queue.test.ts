@@ -14,27 +14,37 @@ function deferred(): { promise: Promise<void>; resolve: () => void } {
 
 const job = (id: string, userId: string): Job => ({ id, userId, label: id });
 
-function waitFor(predicate: () => boolean, timeoutMs = 2000): Promise<void> {
-  const started = Date.now();
-  return new Promise((resolve, reject) => {
-    const tick = (): void => {
-      if (predicate()) resolve();
-      else if (Date.now() - started > timeoutMs) reject(new Error('condition not reached'));
-      else setTimeout(tick, 2);
-    };
-    tick();
-  });
+/** One real event-loop turn: every microtask-driven step of the queue (p-queue, promise chains) has run. */
+const settle = () => new Promise<void>((resolve) => setImmediate(resolve));
+
+/** Job starts in order; `count(n)` resolves once n jobs have started (no clock involved). */
+class Starts {
+  readonly ids: string[] = [];
+  private readonly waiters: { n: number; resolve: () => void }[] = [];
+  record(id: string): void {
+    this.ids.push(id);
+    for (const w of [...this.waiters]) {
+      if (this.ids.length >= w.n) {
+        this.waiters.splice(this.waiters.indexOf(w), 1);
+        w.resolve();
+      }
+    }
+  }
+  count(n: number): Promise<void> {
+    if (this.ids.length >= n) return Promise.resolve();
+    return new Promise((resolve) => this.waiters.push({ n, resolve }));
+  }
 }
 
-test('serves users round robin instead of first come first served', async () => {
-  const started: string[] = [];
+test('serves users round robin instead of first come first served', { timeout: 10_000 }, async () => {
+  const starts = new Starts();
   const gates = new Map<string, () => void>();
   const queue = new FairQueue<Job>(
     { concurrency: 1, maxJobsPerUser: 10, maxQueued: 50, jobTimeoutMs: 60_000 },
     async (j) => {
-      started.push(j.id);
       const gate = deferred();
       gates.set(j.id, gate.resolve);
+      starts.record(j.id);
       await gate.promise;
     },
   );
@@ -44,7 +54,7 @@ test('serves users round robin instead of first come first served', async () => 
   queue.enqueue(job('b1', 'bob'));
   queue.enqueue(job('b2', 'bob'));
   queue.enqueue(job('c1', 'carol'));
-  await waitFor(() => started.length === 1);
+  await starts.count(1);
   // a1 runs; alice was just served, so bob and carol come before her next job.
   assert.deepEqual(
     queue.snapshot().waiting.map((w) => w.id),
@@ -53,18 +63,22 @@ test('serves users round robin instead of first come first served', async () => 
   assert.equal(queue.positionOf('c1'), 2);
   assert.equal(queue.positionOf('a1'), undefined);
   for (let i = 0; i < 6; i++) {
-    await waitFor(() => started.length === i + 1);
-    gates.get(started[i])!();
+    await starts.count(i + 1);
+    gates.get(starts.ids[i])!();
   }
   await queue.onIdle();
-  assert.deepEqual(started, ['a1', 'b1', 'c1', 'a2', 'b2', 'a3']);
+  assert.deepEqual(starts.ids, ['a1', 'b1', 'c1', 'a2', 'b2', 'a3']);
 });
 
-test('refuses over the per-user limit and over the queue cap, with a message', async () => {
+test('refuses over the per-user limit and over the queue cap, with a message', { timeout: 10_000 }, async () => {
   const gate = deferred();
+  const starts = new Starts();
   const queue = new FairQueue<Job>(
     { concurrency: 1, maxJobsPerUser: 2, maxQueued: 3, jobTimeoutMs: 60_000 },
-    () => gate.promise,
+    (j) => {
+      starts.record(j.id);
+      return gate.promise;
+    },
   );
   assert.equal(queue.enqueue(job('a1', 'alice')).accepted, true);
   assert.equal(queue.enqueue(job('a2', 'alice')).accepted, true);
@@ -72,7 +86,8 @@ test('refuses over the per-user limit and over the queue cap, with a message', a
   assert.equal(third.accepted, false);
   assert.equal(!third.accepted && third.reason, 'user_limit');
   assert.match(!third.accepted ? third.message : '', /limit is 2/);
-  await waitFor(() => queue.runningCount === 1);
+  await starts.count(1);
+  assert.equal(queue.runningCount, 1);
   // waiting: a2; the cap counts waiting jobs only
   assert.equal(queue.enqueue(job('b1', 'bob')).accepted, true);
   assert.equal(queue.enqueue(job('c1', 'carol')).accepted, true);
@@ -85,13 +100,13 @@ test('refuses over the per-user limit and over the queue cap, with a message', a
   await queue.onIdle();
 });
 
-test('cancels waiting and running jobs; a running job sees the abort cause', async () => {
+test('cancels waiting and running jobs; a running job sees the abort cause', { timeout: 10_000 }, async () => {
   const causes: string[] = [];
-  const ran: string[] = [];
+  const starts = new Starts();
   const queue = new FairQueue<Job>(
     { concurrency: 1, maxJobsPerUser: 5, maxQueued: 50, jobTimeoutMs: 60_000 },
     (j, signal) => {
-      ran.push(j.id);
+      starts.record(j.id);
       return new Promise<void>((_resolve, reject) => {
         signal.addEventListener('abort', () => {
           causes.push((signal.reason as JobAbortedError).kind);
@@ -103,65 +118,103 @@ test('cancels waiting and running jobs; a running job sees the abort cause', asy
   queue.enqueue(job('a1', 'alice'));
   queue.enqueue(job('a2', 'alice'));
   queue.enqueue(job('a3', 'alice'));
-  await waitFor(() => queue.runningCount === 1);
+  await starts.count(1);
+  assert.equal(queue.runningCount, 1);
   assert.equal(queue.cancel('a2'), 'waiting');
   assert.equal(queue.cancel('a2'), false);
   assert.equal(queue.cancel('a1'), 'running');
-  await waitFor(() => ran.includes('a3'));
-  assert.deepEqual(ran, ['a1', 'a3']);
+  await starts.count(2);
+  assert.deepEqual(starts.ids, ['a1', 'a3']);
   assert.deepEqual(causes, ['cancelled']);
   queue.cancel('a3');
   await queue.onIdle();
+  assert.deepEqual(starts.ids, ['a1', 'a3'], 'the cancelled waiting job never ran');
+  assert.deepEqual(causes, ['cancelled', 'cancelled']);
   assert.equal(queue.activeCountOf('alice'), 0);
 });
 
-test('a job that overruns its timeout is aborted and frees its slot even if it ignores the signal', async () => {
-  const ran: string[] = [];
+test('a job that overruns its timeout is aborted and frees its slot even if it ignores the signal', { timeout: 10_000 }, async (t) => {
+  // The queue's per-job timer runs on the mock clock: the timeout fires at exactly 50 ms, however busy the machine.
+  t.mock.timers.enable({ apis: ['setTimeout', 'Date'], now: 0 });
+  const starts = new Starts();
   let timeoutCause: string | undefined;
   const queue = new FairQueue<Job>(
     { concurrency: 1, maxJobsPerUser: 5, maxQueued: 50, jobTimeoutMs: 50 },
     async (j, signal) => {
-      ran.push(j.id);
+      starts.record(j.id);
       if (j.id === 'stuck') {
         signal.addEventListener('abort', () => (timeoutCause = (signal.reason as JobAbortedError).kind));
         await new Promise(() => undefined); // never settles
       }
     },
   );
-  const t0 = Date.now();
   queue.enqueue(job('stuck', 'alice'));
   queue.enqueue(job('next', 'bob'));
-  await waitFor(() => ran.includes('next'));
+  await starts.count(1);
+  await settle();
+  t.mock.timers.tick(49);
+  await settle();
+  assert.equal(timeoutCause, undefined, 'not before the timeout');
+  assert.deepEqual(starts.ids, ['stuck'], 'the slot is still held');
+  t.mock.timers.tick(1);
   assert.equal(timeoutCause, 'timeout');
-  assert.ok(Date.now() - t0 < 1000);
+  await starts.count(2);
+  assert.deepEqual(starts.ids, ['stuck', 'next']);
+  await queue.onIdle();
+  assert.equal(queue.runningCount, 0, 'the stuck job no longer holds a slot');
 });
 
-test('runs up to `concurrency` jobs at once and reports changes', async () => {
+test('runs up to `concurrency` jobs at once and reports changes', { timeout: 10_000 }, async () => {
   let changes = 0;
   let active = 0;
   let peak = 0;
+  const starts = new Starts();
+  const gates = new Map<string, () => void>();
   const queue = new FairQueue<Job>(
     { concurrency: 2, maxJobsPerUser: 5, maxQueued: 50, jobTimeoutMs: 60_000, onChange: () => changes++ },
-    async () => {
+    async (j) => {
       active++;
       peak = Math.max(peak, active);
-      await new Promise((r) => setTimeout(r, 20));
+      const gate = deferred();
+      gates.set(j.id, gate.resolve);
+      starts.record(j.id);
+      // Each job holds its slot until the test releases it, so any job that started while two are
+      // held would count towards `peak`.
+      await gate.promise;
       active--;
     },
   );
   for (let i = 0; i < 6; i++) queue.enqueue(job(`j${i}`, `user${i % 3}`));
+  await starts.count(2);
+  await settle();
+  assert.equal(active, 2);
+  assert.equal(queue.runningCount, 2);
+  assert.equal(queue.waitingCount, 4);
+  // Release the jobs one by one: each release lets exactly one more start, never a third at once.
+  for (let released = 0; released < 6; released++) {
+    const before = changes;
+    gates.get(starts.ids[released])!();
+    if (released + 2 < 6) await starts.count(released + 3);
+    await settle();
+    assert.equal(starts.ids.length, Math.min(6, released + 3), `after ${released + 1} released`);
+    assert.equal(active, Math.min(2, 6 - released - 1));
+    assert.ok(changes > before, 'onChange reported the finish and the start');
+  }
   await queue.onIdle();
   assert.equal(peak, 2);
-  assert.ok(changes >= 3);
+  assert.equal(active, 0);
 });
 
-test('stop aborts running jobs with cause shutdown and starts nothing more', async () => {
-  const ran: string[] = [];
+test('stop aborts running jobs with cause shutdown and starts nothing more', { timeout: 10_000 }, async () => {
+  const starts = new Starts();
   let cause: string | undefined;
   const queue = new FairQueue<Job>(
     { concurrency: 1, maxJobsPerUser: 5, maxQueued: 50, jobTimeoutMs: 60_000 },
     (j, signal) => {
-      ran.push(j.id);
+      starts.record(j.id);
+      // Only the first job waits for its abort; any other that started would end at once, so
+      // onIdle below would wait for it and the assertion after it would see it.
+      if (j.id !== 'a1') return Promise.resolve();
       return new Promise<void>((resolve) =>
         signal.addEventListener('abort', () => {
           cause = (signal.reason as JobAbortedError).kind;
@@ -172,10 +225,13 @@ test('stop aborts running jobs with cause shutdown and starts nothing more', asy
   );
   queue.enqueue(job('a1', 'alice'));
   queue.enqueue(job('b1', 'bob'));
-  await waitFor(() => ran.length === 1);
+  await starts.count(1);
   await queue.stop();
   assert.equal(cause, 'shutdown');
-  await new Promise((r) => setTimeout(r, 20));
-  assert.deepEqual(ran, ['a1']);
+  // Ordering barrier: onIdle resolves only once the queue has nothing running and nothing left to
+  // start, i.e. after b1 would have run had stop not dropped it.
+  await queue.onIdle();
+  assert.deepEqual(starts.ids, ['a1']);
   assert.equal(queue.enqueue(job('c1', 'carol')).accepted, false);
+  assert.equal(queue.runningCount + queue.waitingCount, 0);
 });

@@ -3,6 +3,29 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { BotHarness, createTestEngine, isResult, pngParameters } from './support/bot-harness.ts';
 import { GatedEngine } from './support/engine-wrappers.ts';
+import type { EngineClient, GenerateRequest, GenerateResult, PackageInfo, ProgressEvent } from '../src/engine/api.ts';
+
+/** Generates for real, then holds the result until the test lets it go: the job keeps its slot till then. */
+class HeldResultEngine implements EngineClient {
+  private release!: () => void;
+  private readonly held = new Promise<void>((resolve) => (this.release = resolve));
+  constructor(readonly base: EngineClient) {}
+  info(): Promise<PackageInfo> {
+    return this.base.info();
+  }
+  async generate(request: GenerateRequest, options?: { signal?: AbortSignal; onProgress?: (event: ProgressEvent) => void }): Promise<GenerateResult> {
+    const result = await this.base.generate(request, options);
+    await this.held;
+    return result;
+  }
+  letGo(): void {
+    this.release();
+  }
+  dispose(): Promise<void> {
+    this.release();
+    return this.base.dispose();
+  }
+}
 
 function percentile(values: number[], p: number): number {
   const sorted = [...values].sort((a, b) => a - b);
@@ -10,19 +33,24 @@ function percentile(values: number[], p: number): number {
 }
 
 test('50 concurrent /imagine are all acknowledged within 3 s while a generation runs', async () => {
-  const h = await BotHarness.start();
+  let engine!: HeldResultEngine;
+  const h = await BotHarness.start({ engine: async () => (engine = new HeldResultEngine(await createTestEngine())) });
   try {
     const first = h.imagine(h.fake.user('first'), { prompt: 'a long one', steps: 40 });
     await h.fake.waitFor(() => h.bot.jobs.queue.runningCount === 1, 5000, 'a generation running');
     const burst = Array.from({ length: 50 }, (_, i) => h.imagine(h.fake.user(`user${i}`), { prompt: `picture number ${i}` }));
     await h.fake.waitFor(() => burst.every((i) => i.acknowledged), 10_000, 'all acknowledgements');
+    // The first job keeps its slot until it is let go below (it draws for real meanwhile), so every
+    // acknowledgement went out while the engine was busy: they never wait for a generation.
     assert.equal(h.bot.jobs.queue.runningCount, 1, 'the engine was busy throughout');
-    const latencies = burst.map((i) => i.ackLatencyMs!);
-    assert.ok(Math.max(...latencies) < 3000, `slowest ack ${Math.max(...latencies)} ms`);
-    assert.ok(burst.every((i) => i.acks[0].type === 5), 'all deferred (accepted), none refused');
     assert.equal(h.bot.jobs.queue.waitingCount, 50);
+    // The fake accepts an acknowledgement only within Discord's 3 s window (else 10062), so
+    // acknowledged means acknowledged in time; the latencies are printed, not compared.
+    assert.ok(burst.every((i) => i.acks[0].type === 5), 'all deferred (accepted), none refused');
+    const latencies = burst.map((i) => i.ackLatencyMs!);
     console.log(`# ack latency p50 ${percentile(latencies, 50)} ms, p99 ${percentile(latencies, 99)} ms`);
     assert.ok(first.acknowledged);
+    engine.letGo();
   } finally {
     await h.close();
   }
@@ -37,7 +65,8 @@ test('429 and 500 answers from Discord are survived', async () => {
     h.fake.failRequests({ method: 'PATCH', path: /^\/webhooks\//, status: 429, times: 3, retryAfter: 0.05 });
     const limited = h.imagine(user, { prompt: 'rate limited', seed: 5 });
     const limitedResult = await h.result(limited);
-    assert.ok(limited.ackLatencyMs! < 3000);
+    // Acknowledged despite the 429s, within the 3 s window (the fake refuses later acknowledgements).
+    assert.equal(limited.acks[0].type, 5);
     assert.equal(pngParameters(limitedResult.attachments[0].data).seed, 5);
     assert.ok(h.fake.requests.filter((r) => r.status === 429).length >= 5);
 
