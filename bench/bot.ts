@@ -8,12 +8,12 @@ import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { cpus, tmpdir } from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
-import { commands } from '../commands/index.ts';
+import { commands } from '../src/bot/commands/index.ts';
 import { startBot } from '../src/bot/bot.ts';
 import { loadConfig } from '../src/bot/config.ts';
-import { createLogger } from '../src/bot/logger.ts';
+import { createLogger } from '../src/log/logger.ts';
 import type { GenerateRequest } from '../src/engine/api.ts';
-import { startEngineWorker } from '../src/worker/engine-worker.ts';
+import { startEngineThread } from '../src/engine-host/engine-thread.ts';
 import { FakeDiscord } from '../test/support/fake-discord.ts';
 
 const { values } = parseArgs({
@@ -43,7 +43,7 @@ function percentile(xs: number[], p: number): number {
 }
 
 // ---- 1. the engine alone -------------------------------------------------------------------------
-const engine = await startEngineWorker({ modelDir, executionProvider });
+const engine = await startEngineThread({ modelDir, executionProvider });
 const info = await engine.info();
 const steps = values.steps ? Number(values.steps) : info.defaults.steps;
 const model = info.ensembles[0]?.id ?? info.experts[0].id;
@@ -75,7 +75,7 @@ const config = loadConfig({
 const bot = await startBot({
   config,
   logger: createLogger({ level: 'warn', secrets: [config.discordToken] }),
-  engineFactory: (c) => startEngineWorker({ modelDir: c.modelDir, executionProvider: c.executionProvider }),
+  engineFactory: (c) => startEngineThread({ modelDir: c.modelDir, executionProvider: c.executionProvider }),
 });
 const BURST_SEED = 100_000;
 const optionsFor = (seed: number) => ({ prompt, model, seed, steps });

@@ -19,7 +19,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import type { EngineClient, GenerateRequest, PackageInfo } from '../src/engine/api.ts';
 import { RemoteEngineClient } from '../src/distributed/remote-engine.ts';
-import { startEngineWorker } from '../src/worker/engine-worker.ts';
+import { startEngineThread } from '../src/engine-host/engine-thread.ts';
 import { startRedis, type TestRedis } from '../test/support/redis.ts';
 
 const { values } = parseArgs({
@@ -90,7 +90,7 @@ async function measure(engine: EngineClient, request: (seed: number) => Generate
 }
 
 function spawnWorker(id: string, redisUrl: string): { child: ChildProcess; ready: Promise<void> } {
-  const child = spawn(process.execPath, ['--import', 'tsx', path.join(root, 'src/worker/remote-worker.ts')], {
+  const child = spawn(process.execPath, ['--import', 'tsx', path.join(root, 'src/distributed/worker-main.ts')], {
     cwd: root,
     env: {
       ...process.env,
@@ -131,7 +131,7 @@ async function stopWorkers(children: ChildProcess[]): Promise<void> {
 }
 
 // ---- embedded: the engine in a worker thread of this process -------------------------------------
-const embedded = await startEngineWorker({ modelDir, executionProvider, threads });
+const embedded = await startEngineThread({ modelDir, executionProvider, threads });
 const info = await embedded.info();
 const steps = values.steps ? Number(values.steps) : info.defaults.steps;
 const request = requestFor(info, steps);

@@ -1,12 +1,12 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Writable } from 'node:stream';
-import { commands } from '../commands/index.ts';
+import { commands } from '../src/bot/commands/index.ts';
 import { readFileSync } from 'node:fs';
 import { parse as parseDotenv } from 'dotenv';
 import { CONFIG_VARIABLES, ConfigError, loadConfig } from '../src/bot/config.ts';
 import { deployCommands } from '../src/bot/deploy-commands.ts';
-import { createLogger } from '../src/bot/logger.ts';
+import { createLogger } from '../src/log/logger.ts';
 import { FakeDiscord } from './support/fake-discord.ts';
 
 const BASE = { DISCORD_TOKEN: 'abc.def.ghi-secret-token', DISCORD_APPLICATION_ID: '123456789012345678' };

@@ -5,7 +5,7 @@ import type { PackageInfo } from '../src/engine/api.ts';
 import { buttonId, parseButtonId } from '../src/bot/custom-ids.ts';
 import { buildImagineRequest, findBlockedWord } from '../src/bot/imagine-request.ts';
 import { modelSuggestions, resolveModelChoice } from '../src/bot/model-choice.ts';
-import { commands } from '../commands/index.ts';
+import { commands } from '../src/bot/commands/index.ts';
 
 const INFO: PackageInfo = {
   name: 'demo',

@@ -6,7 +6,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { commands } from '../commands/index.ts';
+import { commands } from '../src/bot/commands/index.ts';
 import { FIXTURE_PACKAGE, isResult } from './support/bot-harness.ts';
 import { FakeDiscord } from './support/fake-discord.ts';
 

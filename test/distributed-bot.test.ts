@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { RemoteEngineClient } from '../src/distributed/remote-engine.ts';
 import { WorkerHost } from '../src/distributed/worker-host.ts';
-import { startEngineWorker } from '../src/worker/engine-worker.ts';
+import { startEngineThread } from '../src/engine-host/engine-thread.ts';
 import { BotHarness, FIXTURE_PACKAGE, pngParameters } from './support/bot-harness.ts';
 import { GatedEngine, SlowMotionEngine } from './support/engine-wrappers.ts';
 import type { FakeInteraction } from './support/fake-discord.ts';
@@ -49,7 +49,7 @@ describe('the bot with QUEUE_BACKEND=redis', () => {
   before(async () => {
     redis = await startRedis();
     // Progress at a steady pace (40 ms a step), so that progress edits with previews happen whatever this machine's speed.
-    engine = new GatedEngine(new SlowMotionEngine(await startEngineWorker({ modelDir: FIXTURE_PACKAGE }), 40), { open: true });
+    engine = new GatedEngine(new SlowMotionEngine(await startEngineThread({ modelDir: FIXTURE_PACKAGE }), 40), { open: true });
     worker = await WorkerHost.start({ redisUrl: redis.url, engine, workerId: 'gpu0', logger: log, timings: { heartbeatMs: 500 } });
   });
 

@@ -16,8 +16,8 @@ import { STALLED_MESSAGE, type RemoteJobData } from '../src/distributed/protocol
 import { RemoteEngineClient } from '../src/distributed/remote-engine.ts';
 import { publishPackage } from '../src/distributed/registry.ts';
 import { WorkerHost } from '../src/distributed/worker-host.ts';
-import { EngineWorker, startEngineWorker } from '../src/worker/engine-worker.ts';
-import { StepHold } from '../src/worker/step-hold.ts';
+import { EngineThread, startEngineThread } from '../src/engine-host/engine-thread.ts';
+import { StepHold } from '../src/engine-host/step-hold.ts';
 import { copyOfTiny, REPO_ROOT, TINY } from './helpers/fixture.ts';
 import { startRedis, type TestRedis } from './support/redis.ts';
 
@@ -53,7 +53,7 @@ class WorkerProcess {
     readonly id: string,
     env: Record<string, string>,
   ) {
-    this.child = spawn(process.execPath, ['--import', 'tsx', path.join(REPO_ROOT, 'src/worker/remote-worker.ts')], {
+    this.child = spawn(process.execPath, ['--import', 'tsx', path.join(REPO_ROOT, 'src/distributed/worker-main.ts')], {
       cwd: REPO_ROOT,
       env: {
         ...process.env,
@@ -205,7 +205,7 @@ describe('distributed mode with two worker processes', () => {
     assert.equal(new Set(completed).size, 8, 'no job completed twice');
     assert.ok(w1.jobs('job completed').length > 0 && w2.jobs('job completed').length > 0, 'both workers took jobs');
 
-    const embedded = await startEngineWorker({ modelDir: TINY });
+    const embedded = await startEngineThread({ modelDir: TINY });
     try {
       const request: GenerateRequest = { prompt: 'same everywhere', mode: 'afa', ensemble: 'duo', seed: 7, contributions: true, preview: true };
       const previews: ProgressEvent[] = [];
@@ -291,13 +291,13 @@ describe('distributed mode with two worker processes', () => {
 
   test('a worker whose engine thread dies mid-job stops and leaves the job to another worker', async () => {
     // A package of its own, so that only these two in-process workers see the job.
-    const renamed = (engine: EngineWorker, hold?: StepHold): EngineClient => ({
+    const renamed = (engine: EngineThread, hold?: StepHold): EngineClient => ({
       info: async () => ({ ...(await engine.info()), name: 'fragile' }),
       generate: (request, options) => engine.generate(request, { ...options, hold }),
       dispose: () => engine.dispose(),
     });
     const timings = { lockDurationMs: 1500, stalledIntervalMs: 500, heartbeatMs: 500 };
-    const doomedEngine = await EngineWorker.start({ modelDir: TINY });
+    const doomedEngine = await EngineThread.start({ modelDir: TINY });
     // the doomed thread stops after step 1 until the test has asked it to crash
     const hold = new StepHold(1);
     const lost: EngineError[] = [];
@@ -315,7 +315,7 @@ describe('distributed mode with two worker processes', () => {
       assert.equal(lost[0].code, 'unavailable');
       assert.equal(doomedEngine.stopped, true);
 
-      rescuerEngine = renamed(await EngineWorker.start({ modelDir: TINY }));
+      rescuerEngine = renamed(await EngineThread.start({ modelDir: TINY }));
       rescuer = await WorkerHost.start({ redisUrl: redis.url, engine: rescuerEngine, workerId: 'fragile-2', logger: quiet, timings });
       const result = await job.outcome;
       assert.equal(result.params.steps, 50);

@@ -3,8 +3,8 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { EngineError } from '../src/engine/api.ts';
-import { StepHold } from '../src/worker/step-hold.ts';
-import { startSupervisedEngine } from '../src/worker/supervised-engine.ts';
+import { StepHold } from '../src/engine-host/step-hold.ts';
+import { startSupervisedEngine } from '../src/engine-host/supervised-engine.ts';
 import { TINY } from './helpers/fixture.ts';
 
 const request = { prompt: 'a green ring', mode: 'single' as const, experts: ['alpha'], seed: 9, steps: 40 };
@@ -23,7 +23,7 @@ test('a job whose engine thread dies mid-run completes on a restarted thread', a
         if (e.step !== 2) return;
         if (!killed) {
           killed = true;
-          (await engine.worker()).crash();
+          (await engine.thread()).crash();
         }
         hold.release();
       },
@@ -43,7 +43,7 @@ test('a job that kills its engine every time fails with a clear message', async 
     const hold = new StepHold(1);
     const killAtStep1 = async (e: { step: number }) => {
       if (e.step !== 1) return;
-      (await engine.worker()).crash();
+      (await engine.thread()).crash();
       hold.release();
     };
     await assert.rejects(
@@ -58,7 +58,7 @@ test('a job that kills its engine every time fails with a clear message', async 
 });
 
 test('an engine pool runs jobs on several threads at once', { timeout: 120_000 }, async () => {
-  const { startEnginePool, EnginePool } = await import('../src/worker/engine-pool.ts');
+  const { startEnginePool, EnginePool } = await import('../src/engine-host/engine-pool.ts');
   const pool = await startEnginePool({ modelDir: TINY }, 2);
   try {
     assert.ok(pool instanceof EnginePool && pool.size === 2);

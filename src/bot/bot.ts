@@ -2,18 +2,18 @@
 // restores unfinished jobs once connected.
 import path from 'node:path';
 import { Events, type Client } from 'discord.js';
-import { commands } from '../../commands/index.ts';
 import type { EngineClient, PackageInfo } from '../engine/api.ts';
 import { RemoteEngineClient } from '../distributed/remote-engine.ts';
 import { packageId } from '../distributed/names.ts';
 import { describeWorkers } from '../distributed/worker-summary.ts';
 import { JobStore } from '../store/job-store.ts';
+import { createLogger, type Logger } from '../log/logger.ts';
+import { commands } from './commands/index.ts';
 import { createDiscordClient } from './client.ts';
 import type { BotConfig } from './config.ts';
 import type { BotContext } from './context.ts';
 import { createInteractionRouter } from './interactions.ts';
 import { JobService, type JobServiceOptions } from './job-service.ts';
-import { createLogger, type Logger } from './logger.ts';
 import { handleReaction } from './reactions.ts';
 
 export type EngineFactory = (config: BotConfig) => Promise<EngineClient>;

@@ -5,7 +5,7 @@ import type { JobKind } from '../store/job-store.ts';
 import { channelAllowed, channelRefusal, type BotContext } from './context.ts';
 import { parseButtonId } from './custom-ids.ts';
 import { randomSeed } from './imagine-request.ts';
-import { interactionRoute, newJobId } from './job-service.ts';
+import { interactionRoute, newJobId } from './new-job.ts';
 
 export async function handleButton(interaction: ButtonInteraction, ctx: BotContext): Promise<void> {
   const ephemeral = (content: string) => interaction.reply({ content, flags: MessageFlags.Ephemeral, allowedMentions: { parse: [] } });

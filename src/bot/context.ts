@@ -1,9 +1,9 @@
 import type { AutocompleteInteraction, ChatInputCommandInteraction, RESTPostAPIChatInputApplicationCommandsJSONBody } from 'discord.js';
 import type { PackageInfo } from '../engine/api.ts';
 import type { JobStore } from '../store/job-store.ts';
+import type { Logger } from '../log/logger.ts';
 import type { BotConfig } from './config.ts';
 import type { JobService } from './job-service.ts';
-import type { Logger } from './logger.ts';
 
 /** What command handlers get to work with. */
 export interface BotContext {
@@ -16,7 +16,7 @@ export interface BotContext {
   describeWorkers?: () => Promise<string>;
 }
 
-/** One module in commands/: its definition (a discord.js builder) and handlers. */
+/** One module in src/bot/commands/: its definition (a discord.js builder) and handlers. */
 export interface SlashCommand {
   data: { name: string; toJSON(): RESTPostAPIChatInputApplicationCommandsJSONBody };
   execute(interaction: ChatInputCommandInteraction, ctx: BotContext): Promise<void>;

@@ -4,7 +4,7 @@
 import { pathToFileURL } from 'node:url';
 import { REST, Routes, type RESTPostAPIChatInputApplicationCommandsJSONBody } from 'discord.js';
 import { config as loadDotenv } from 'dotenv';
-import { commands } from '../../commands/index.ts';
+import { commands } from './commands/index.ts';
 import { loadConfigOrExit, type BotConfig } from './config.ts';
 
 export interface DeployResult {

@@ -4,7 +4,7 @@
 // silently; progress edits are best effort.
 import { DiscordAPIError, HTTPError, MessageFlags, Routes, type REST } from 'discord.js';
 import type { JobRecord, JobStore } from '../store/job-store.ts';
-import type { Logger } from './logger.ts';
+import type { Logger } from '../log/logger.ts';
 import type { OutgoingMessage } from './messages.ts';
 
 /** Discord's interaction token lifetime. */

@@ -2,8 +2,8 @@
 // sent at most once per interval, never two at a time; the final message waits for the edit in
 // flight and cancels the ones still pending.
 import type { JobRecord } from '../store/job-store.ts';
+import type { Logger } from '../log/logger.ts';
 import type { JobMessenger } from './job-messenger.ts';
-import type { Logger } from './logger.ts';
 import type { OutgoingMessage } from './messages.ts';
 
 type MessageFactory = () => OutgoingMessage | Promise<OutgoingMessage>;

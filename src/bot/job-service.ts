@@ -1,13 +1,12 @@
 // Accepts jobs (store + fair queue), runs them on the engine, and reports them through their messages.
-import { randomInt } from 'node:crypto';
 import type { REST } from 'discord.js';
 import { EngineError, type EngineClient, type GenerateRequest, type GenerateResult, type PackageInfo, type RgbImage } from '../engine/api.ts';
 import { FairQueue, JobAbortedError, type EnqueueResult, type FairQueueJob } from '../queue/fair-queue.ts';
-import type { JobRecord, JobResultSummary, JobStore, NewJob, ReplyRoute } from '../store/job-store.ts';
+import type { JobRecord, JobResultSummary, JobStore, NewJob } from '../store/job-store.ts';
+import type { Logger } from '../log/logger.ts';
 import type { BotConfig } from './config.ts';
 import { JobMessenger, type MessengerOptions } from './job-messenger.ts';
 import { JobReporter } from './job-reporter.ts';
-import type { Logger } from './logger.ts';
 import {
   clip,
   expertTitle,
@@ -52,29 +51,6 @@ interface RunOutput {
   message: OutgoingMessage;
   summary: JobResultSummary;
   rerunnable: boolean;
-}
-
-const JOB_ID_ALPHABET = 'abcdefghijkmnopqrstuvwxyz23456789';
-
-/** The reply route of a job answered through its interaction (edits while the token lives). */
-export function interactionRoute(interaction: {
-  applicationId: string;
-  id: string;
-  token: string;
-  createdTimestamp: number;
-}): ReplyRoute {
-  return {
-    type: 'interaction',
-    applicationId: interaction.applicationId,
-    interactionId: interaction.id,
-    token: interaction.token,
-    tokenIssuedAt: interaction.createdTimestamp,
-  };
-}
-
-/** Short, unambiguous ids (they appear in /queue, /cancel and file names). */
-export function newJobId(): string {
-  return Array.from({ length: 8 }, () => JOB_ID_ALPHABET[randomInt(JOB_ID_ALPHABET.length)]).join('');
 }
 
 /** Rejects with the signal's reason as soon as it aborts, even if `work` never settles. */

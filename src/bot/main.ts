@@ -1,9 +1,9 @@
 // `npm start`: reads .env, validates the configuration, starts the engine worker and the bot.
 import { config as loadDotenv } from 'dotenv';
-import { startEnginePool } from '../worker/engine-pool.ts';
+import { startEnginePool } from '../engine-host/engine-pool.ts';
+import { createLogger } from '../log/logger.ts';
 import { startBot } from './bot.ts';
 import { loadConfigOrExit } from './config.ts';
-import { createLogger } from './logger.ts';
 
 async function main(): Promise<void> {
   loadDotenv({ quiet: true });

@@ -3,7 +3,8 @@
 import type { MessageReaction, PartialMessageReaction, PartialUser, User } from 'discord.js';
 import { channelAllowed, type BotContext } from './context.ts';
 import { randomSeed } from './imagine-request.ts';
-import { newJobId, RERUN_EMOJI } from './job-service.ts';
+import { RERUN_EMOJI } from './job-service.ts';
+import { newJobId } from './new-job.ts';
 
 export async function handleReaction(
   reactionOrPartial: MessageReaction | PartialMessageReaction,

@@ -1,8 +1,8 @@
 // A GPU host's side of the distributed mode: takes jobs for its model package from BullMQ, runs them
-// on its engine (a worker thread, so lock renewals keep ticking during session.run), reports progress,
+// on its engine (an engine thread, so lock renewals keep ticking during session.run), reports progress,
 // stores the result, honours cancellations and advertises itself with a heartbeat.
 import { hostname } from 'node:os';
-import { Worker, type Job } from 'bullmq';
+import { Worker as BullWorker, type Job } from 'bullmq';
 import type { Redis } from 'ioredis';
 import { EngineError, type EngineClient, type PackageInfo, type ProgressEvent } from '../engine/api.ts';
 import { packageId, QUEUE_PREFIX, queueNameFor, redisKeys } from './names.ts';
@@ -90,7 +90,8 @@ export class WorkerHost {
   readonly workerId: string;
   private readonly timings: WorkerTimings;
   private readonly redis: Redis;
-  private worker: Worker<RemoteJobData, RemoteJobReturn> | undefined;
+  /** BullMQ's consumer of this package's queue. */
+  private consumer: BullWorker<RemoteJobData, RemoteJobReturn> | undefined;
   private heartbeat: NodeJS.Timeout | undefined;
   private advert: WorkerAdvert;
   private stopping: Promise<void> | undefined;
@@ -136,7 +137,7 @@ export class WorkerHost {
     await publishPackage(this.redis, this.info);
     await this.beat();
     this.heartbeat = setInterval(() => void this.beat(), this.timings.heartbeatMs);
-    const worker = new Worker<RemoteJobData, RemoteJobReturn>(this.queueName, (job) => this.process(job), {
+    const consumer = new BullWorker<RemoteJobData, RemoteJobReturn>(this.queueName, (job) => this.process(job), {
       connection: bullConnection(this.options.redisUrl),
       prefix: QUEUE_PREFIX,
       name: this.workerId,
@@ -147,15 +148,15 @@ export class WorkerHost {
       removeOnComplete: { age: 3600, count: 1000 },
       removeOnFail: { age: 24 * 3600, count: 1000 },
     });
-    this.worker = worker;
-    worker.on('error', (error) => logger.warn({ err: error }, 'queue error'));
-    worker.on('completed', (job) => logger.info({ job: job.id, worker: this.workerId }, 'job completed'));
-    worker.on('failed', (job, error) => {
+    this.consumer = consumer;
+    consumer.on('error', (error) => logger.warn({ err: error }, 'queue error'));
+    consumer.on('completed', (job) => logger.info({ job: job.id, worker: this.workerId }, 'job completed'));
+    consumer.on('failed', (job, error) => {
       const failure = decodeFailure(error.message);
       logger.info({ job: job?.id, worker: this.workerId, reason: failure.message }, failure.code === 'cancelled' ? 'job cancelled' : 'job failed');
     });
-    worker.on('stalled', (jobId) => logger.warn({ job: jobId }, 'a job lost its worker; it runs again'));
-    await worker.waitUntilReady();
+    consumer.on('stalled', (jobId) => logger.warn({ job: jobId }, 'a job lost its worker; it runs again'));
+    await consumer.waitUntilReady();
     logger.info(
       { worker: this.workerId, package: this.advert.package, queue: this.queueName, ep: this.info.executionProvider },
       'worker ready',
@@ -225,7 +226,7 @@ export class WorkerHost {
   stop(options: { force?: boolean } = {}): Promise<void> {
     this.stopping ??= (async () => {
       this.setState('stopping', this.advert.jobId);
-      await this.worker?.close(options.force);
+      await this.consumer?.close(options.force);
       clearInterval(this.heartbeat);
       this.withdrawn = true;
       await withdraw(this.redis, this.workerId).catch(() => undefined);

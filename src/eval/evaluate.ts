@@ -6,7 +6,7 @@ import path from 'node:path';
 import { UsageError } from '../cli/args.ts';
 import type { ExecutionProvider } from '../engine/onnx-session.ts';
 import { renderContributionPanel, renderGrid, type GridTile } from '../engine/render/index.ts';
-import { startEnginePool } from '../worker/engine-pool.ts';
+import { startEnginePool } from '../engine-host/engine-pool.ts';
 import { AttributeClassifier } from './classifier.ts';
 import { promptSetByName, type EvalPrompt, type PromptSetName } from './prompts.ts';
 import { floorAt, loadReference, REFERENCE_FILE, type Reference } from './reference.ts';

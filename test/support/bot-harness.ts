@@ -3,7 +3,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { commands } from '../../commands/index.ts';
+import { commands } from '../../src/bot/commands/index.ts';
 import { startBot, type RunningBot } from '../../src/bot/bot.ts';
 import { loadConfig, type BotConfig } from '../../src/bot/config.ts';
 import type { EngineClient, PackageInfo } from '../../src/engine/api.ts';
@@ -11,7 +11,7 @@ import type { JobRecord } from '../../src/store/job-store.ts';
 import { parseParameters, readPngText } from '../../src/engine/render/index.ts';
 import { FakeDiscord, type FakeInteraction, type FakeMessage, type FakeUser, type OptionValue } from './fake-discord.ts';
 import { ProceduralTestEngine } from './procedural-engine.ts';
-import { startEngineWorker } from '../../src/worker/engine-worker.ts';
+import { startEngineThread } from '../../src/engine-host/engine-thread.ts';
 
 /**
  * The engine every end-to-end bot test runs on: the real engine (worker thread) on the fixture
@@ -19,7 +19,7 @@ import { startEngineWorker } from '../../src/worker/engine-worker.ts';
  */
 export async function createTestEngine(): Promise<EngineClient> {
   if (process.env.BOT_TEST_ENGINE === 'procedural') return new ProceduralTestEngine({ stepDelayMs: 15 });
-  return startEngineWorker({ modelDir: FIXTURE_PACKAGE });
+  return startEngineThread({ modelDir: FIXTURE_PACKAGE });
 }
 
 export const FIXTURE_PACKAGE = fileURLToPath(new URL('../fixtures/tiny', import.meta.url));

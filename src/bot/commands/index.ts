@@ -1,4 +1,4 @@
-import type { SlashCommand } from '../src/bot/context.ts';
+import type { SlashCommand } from '../context.ts';
 import { cancel } from './cancel.ts';
 import { imagine } from './imagine.ts';
 import { models } from './models.ts';

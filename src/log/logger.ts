@@ -1,11 +1,13 @@
+// The one logger of the bot, the GPU workers and the tools: structured (pino) and scrubbed of secrets.
 import pino, { type DestinationStream, type Logger } from 'pino';
 
 export type { Logger };
 
 /**
- * A pino logger that never prints secrets: known secret values (the bot token) are replaced in every
- * message and string field, and fields named like tokens are redacted. discord.js's own debug lines
- * include the token ("Provided token: …"), so they must pass through here too.
+ * A pino logger that never prints secrets: known secret values (the bot's Discord token, a GPU
+ * worker's Redis password) are replaced in every message and string field, and fields named like
+ * tokens are redacted. discord.js's own debug lines include the token ("Provided token: …"), so they
+ * must pass through here too.
  */
 export function createLogger(
   options: { level: string; secrets?: string[]; destination?: DestinationStream } = { level: 'info' },

@@ -1,6 +1,6 @@
 import { MessageFlags, PermissionFlagsBits, InteractionContextType, SlashCommandBuilder, type AutocompleteInteraction, type ChatInputCommandInteraction } from 'discord.js';
-import type { BotContext, SlashCommand } from '../src/bot/context.ts';
-import { clip } from '../src/bot/messages.ts';
+import type { BotContext, SlashCommand } from '../context.ts';
+import { clip } from '../messages.ts';
 
 const data = new SlashCommandBuilder()
   .setName('cancel')

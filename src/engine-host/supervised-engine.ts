@@ -1,7 +1,7 @@
 // An EngineClient that survives the death of its engine thread: the thread is started again, and a
 // job that was running when it died is run once more on the fresh one before it is given up.
 import { EngineError, type EngineClient, type GenerateRequest, type GenerateResult, type PackageInfo, type ProgressEvent } from '../engine/api.ts';
-import { EngineWorker, type EngineThreadCallOptions } from './engine-worker.ts';
+import { EngineThread, type EngineThreadCallOptions } from './engine-thread.ts';
 import type { EngineThreadOptions } from './protocol.ts';
 
 export interface SupervisorOptions {
@@ -12,28 +12,28 @@ export interface SupervisorOptions {
 
 export class SupervisedEngine implements EngineClient {
   restarts = 0;
-  private current: Promise<EngineWorker>;
+  private current: Promise<EngineThread>;
   private disposed = false;
 
   private constructor(
     private readonly options: EngineThreadOptions,
-    first: EngineWorker,
+    first: EngineThread,
     private readonly supervisor: SupervisorOptions,
   ) {
     this.current = Promise.resolve(first);
   }
 
   static async start(options: EngineThreadOptions, supervisor: SupervisorOptions = {}): Promise<SupervisedEngine> {
-    return new SupervisedEngine(options, await EngineWorker.start(options), supervisor);
+    return new SupervisedEngine(options, await EngineThread.start(options), supervisor);
   }
 
   /** The engine thread serving jobs now (restarted first if it has died). */
-  async worker(): Promise<EngineWorker> {
+  async thread(): Promise<EngineThread> {
     const w = await this.current;
     if (!w.stopped || this.disposed) return w;
     this.restarts += 1;
     this.supervisor.onRestart?.('the engine thread stopped');
-    this.current = EngineWorker.start(this.options);
+    this.current = EngineThread.start(this.options);
     this.current.catch(() => {
       // a failed start is reported to the job that asked; the next job tries again
       this.current = Promise.resolve(w);
@@ -42,7 +42,7 @@ export class SupervisedEngine implements EngineClient {
   }
 
   async info(): Promise<PackageInfo> {
-    return (await this.worker()).info();
+    return (await this.thread()).info();
   }
 
   async generate(
@@ -52,7 +52,7 @@ export class SupervisedEngine implements EngineClient {
     const attempts = this.supervisor.attempts ?? 2;
     for (let attempt = 1; ; attempt++) {
       try {
-        return await (await this.worker()).generate(request, options);
+        return await (await this.thread()).generate(request, options);
       } catch (err) {
         const died = err instanceof EngineError && err.code === 'unavailable';
         if (!died || this.disposed || options.signal?.aborted) throw err;

@@ -4,10 +4,10 @@
 // mid-job, the worker exits too (status 70) and leaves the job to another worker.
 import { config as loadDotenv } from 'dotenv';
 import type { EngineClient } from '../engine/api.ts';
-import { createLogger } from '../bot/logger.ts';
-import { loadWorkerConfig, WorkerConfigError, type WorkerConfig } from '../distributed/worker-config.ts';
-import { advertiseUnhealthy, WorkerHost } from '../distributed/worker-host.ts';
-import { startEngineWorker } from './engine-worker.ts';
+import { startEngineThread } from '../engine-host/engine-thread.ts';
+import { createLogger } from '../log/logger.ts';
+import { loadWorkerConfig, WorkerConfigError, type WorkerConfig } from './worker-config.ts';
+import { advertiseUnhealthy, WorkerHost } from './worker-host.ts';
 
 function redisPassword(url: string): string[] {
   try {
@@ -39,7 +39,7 @@ async function main(): Promise<void> {
 
   let engine: EngineClient;
   try {
-    engine = await startEngineWorker({
+    engine = await startEngineThread({
       modelDir: config.modelDir,
       executionProvider: config.executionProvider,
       threads: config.threads,

@@ -2,7 +2,7 @@
 // QUEUE_CONCURRENCY jobs really run at the same time (one thread runs one job at a time).
 import os from 'node:os';
 import type { EngineClient, GenerateRequest, GenerateResult, PackageInfo, ProgressEvent } from '../engine/api.ts';
-import type { EngineThreadCallOptions } from './engine-worker.ts';
+import type { EngineThreadCallOptions } from './engine-thread.ts';
 import type { EngineThreadOptions } from './protocol.ts';
 import { startSupervisedEngine, type SupervisorOptions } from './supervised-engine.ts';
 

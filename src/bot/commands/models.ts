@@ -1,7 +1,7 @@
 import { EmbedBuilder, MessageFlags, InteractionContextType, SlashCommandBuilder, type ChatInputCommandInteraction } from 'discord.js';
-import type { PackageInfo } from '../src/engine/api.ts';
-import { clip, expertTitle } from '../src/bot/messages.ts';
-import type { BotContext, SlashCommand } from '../src/bot/context.ts';
+import type { PackageInfo } from '../../engine/api.ts';
+import { clip, expertTitle } from '../messages.ts';
+import type { BotContext, SlashCommand } from '../context.ts';
 
 const data = new SlashCommandBuilder()
   .setName('models')

@@ -1,9 +1,9 @@
 import { MessageFlags, InteractionContextType, SlashCommandBuilder, type AutocompleteInteraction, type ChatInputCommandInteraction } from 'discord.js';
-import { MODES, SCHEDULER_NAMES } from '../src/engine/api.ts';
-import { channelAllowed, channelRefusal, type BotContext, type SlashCommand } from '../src/bot/context.ts';
-import { buildImagineRequest, LIMITS } from '../src/bot/imagine-request.ts';
-import { interactionRoute, newJobId } from '../src/bot/job-service.ts';
-import { modelSuggestions } from '../src/bot/model-choice.ts';
+import { MODES, SCHEDULER_NAMES } from '../../engine/api.ts';
+import { channelAllowed, channelRefusal, type BotContext, type SlashCommand } from '../context.ts';
+import { buildImagineRequest, LIMITS } from '../imagine-request.ts';
+import { modelSuggestions } from '../model-choice.ts';
+import { interactionRoute, newJobId } from '../new-job.ts';
 
 const MODE_LABELS: Record<string, string> = {
   afa: 'AFA — trained ensemble (adaptive feature aggregation)',

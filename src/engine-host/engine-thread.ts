@@ -1,4 +1,4 @@
-// The in-process engine host: an EngineClient whose engine runs in a worker_thread.
+// The in-process engine host: an EngineClient whose engine runs in a worker_thread of this process.
 import { Worker } from 'node:worker_threads';
 import {
   EngineError,
@@ -41,7 +41,7 @@ function spawnThread(entry: URL, workerData: unknown): Worker {
   return new Worker(bootstrap, { eval: true, workerData, execArgv });
 }
 
-export class EngineWorker implements EngineClient {
+export class EngineThread implements EngineClient {
   private nextId = 1;
   private pending = new Map<number, Pending>();
   private exited = false;
@@ -59,15 +59,15 @@ export class EngineWorker implements EngineClient {
     });
   }
 
-  static start(options: EngineThreadOptions): Promise<EngineWorker> {
+  static start(options: EngineThreadOptions): Promise<EngineThread> {
     const data: EngineThreadData = { options, exitCode: new SharedArrayBuffer(Int32Array.BYTES_PER_ELEMENT) };
-    const worker = spawnThread(new URL('./engine-thread.ts', import.meta.url), data);
+    const worker = spawnThread(new URL('./thread-entry.ts', import.meta.url), data);
     return new Promise((resolve, reject) => {
       const onMessage = (m: FromThread) => {
         if (m.type === 'ready') {
           worker.off('message', onMessage);
           worker.off('exit', onExit);
-          resolve(new EngineWorker(worker, m.info, new Int32Array(data.exitCode)));
+          resolve(new EngineThread(worker, m.info, new Int32Array(data.exitCode)));
         } else if (m.type === 'load-error') {
           worker.off('message', onMessage);
           reject(toError(m.error));
@@ -170,6 +170,6 @@ export class EngineWorker implements EngineClient {
 }
 
 /** Starts the engine in a worker thread and resolves once the model package is loaded. */
-export function startEngineWorker(options: EngineThreadOptions): Promise<EngineClient> {
-  return EngineWorker.start(options);
+export function startEngineThread(options: EngineThreadOptions): Promise<EngineClient> {
+  return EngineThread.start(options);
 }
