@@ -1,6 +1,7 @@
 // Accepts jobs (store + fair queue), runs them on the engine, and reports them through their messages.
 import type { REST } from 'discord.js';
 import { EngineError, type EngineClient, type GenerateRequest, type GenerateResult, type PackageInfo, type RgbImage } from '../engine/api.ts';
+import { MODE_LABELS } from '../engine/labels.ts';
 import { FairQueue, JobAbortedError, type EnqueueResult, type FairQueueJob } from '../queue/fair-queue.ts';
 import type { JobRecord, JobResultSummary, JobStore, NewJob } from '../store/job-store.ts';
 import type { Logger } from '../log/logger.ts';
@@ -371,7 +372,7 @@ export class JobService {
       request: { ...common, experts: [id] },
     }));
     if (base.mode !== 'single') {
-      const label = base.mode === 'afa' ? (ensemble?.title ?? base.ensemble ?? 'AFA') : base.mode === 'average' ? 'Average' : 'Merge';
+      const label = base.mode === 'afa' ? (ensemble?.title ?? base.ensemble ?? MODE_LABELS.afa.name) : MODE_LABELS[base.mode].name;
       plan.push({ label, request: { ...base, count: 1, contributions: false } });
     }
     const runs: { label: string; result: GenerateResult }[] = [];

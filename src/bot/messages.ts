@@ -1,6 +1,7 @@
 // What the bot's messages say and look like: queue position, progress, results, failures.
 import { ActionRowBuilder, ButtonBuilder, ButtonStyle, EmbedBuilder, type APIActionRowComponent, type APIButtonComponentWithCustomId, type APIEmbed } from 'discord.js';
-import type { GenerateRequest, Mode, PackageInfo, ResolvedParams } from '../engine/api.ts';
+import type { GenerateRequest, PackageInfo, ResolvedParams } from '../engine/api.ts';
+import { MODE_LABELS, schedulerLabel } from '../engine/labels.ts';
 import type { JobKind, JobRecord } from '../store/job-store.ts';
 import { buttonId } from './custom-ids.ts';
 
@@ -19,8 +20,6 @@ export interface OutgoingMessage {
   mentionUserIds?: string[];
 }
 
-const SCHEDULER_TITLES: Record<string, string> = { ddim: 'DDIM', euler: 'Euler', euler_a: 'Euler a', dpmpp_2m: 'DPM++ 2M' };
-const MODE_TITLES: Record<Mode, string> = { afa: 'AFA ensemble', average: 'Average', merge: 'Weight merge', single: 'Single model' };
 const KIND_VERBS: Record<JobKind, string> = {
   imagine: 'Drawing',
   reroll: 'Rerolling',
@@ -50,7 +49,7 @@ export function describeModels(request: Pick<GenerateRequest, 'mode' | 'ensemble
   const ensemble = request.ensemble ? info.ensembles.find((e) => e.id === request.ensemble) : undefined;
   const experts = request.experts ?? ensemble?.experts ?? [];
   const titles = experts.map((id) => expertTitle(info, id)).join(' + ');
-  if (request.mode === 'afa') return `${ensemble?.title ?? request.ensemble ?? 'AFA'}: ${titles}`;
+  if (request.mode === 'afa') return `${ensemble?.title ?? request.ensemble ?? MODE_LABELS.afa.name}: ${titles}`;
   if (request.mode === 'single') return titles;
   return `${titles} (${request.mode})`;
 }
@@ -135,8 +134,8 @@ export function resultEmbed(
       { name: 'Seed', value: details.seeds.join(', '), inline: true },
       { name: 'Steps', value: String(params.steps), inline: true },
       { name: 'Guidance', value: String(params.guidance), inline: true },
-      { name: 'Scheduler', value: `${SCHEDULER_TITLES[params.scheduler] ?? params.scheduler}${params.karras ? ' Karras' : ''}`, inline: true },
-      { name: 'Mode', value: MODE_TITLES[params.mode] ?? params.mode, inline: true },
+      { name: 'Scheduler', value: schedulerLabel(params.scheduler, params.karras), inline: true },
+      { name: 'Mode', value: MODE_LABELS[params.mode]?.title ?? params.mode, inline: true },
       { name: 'Time', value: formatSeconds(details.elapsedMs), inline: true },
       { name: 'Models', value: clip(describeModels(params, info), 1024), inline: false },
     )

@@ -3,6 +3,7 @@ import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { SCHEDULER_NAMES, type GenerateRequest, type GenerateResult, type Mode, type SchedulerName } from '../engine/api.ts';
+import { MODE_LABELS } from '../engine/labels.ts';
 import { Engine } from '../engine/pipeline.ts';
 import { encodePng, renderContributionPanel, renderGrid } from '../engine/render/index.ts';
 import { defaultModelDir, exitWithError, parseNumber, UsageError } from './args.ts';
@@ -165,7 +166,7 @@ async function main(): Promise<void> {
         const alone = await engine.generate({ ...base, prompt, mode: 'single', ensemble: undefined, experts: [id], count: 1, contributions: false });
         tiles.push({ image: alone.images[0].image, label: titles[id] ?? id });
       }
-      const label = result.params.mode === 'afa' ? `AFA ${result.params.ensemble}` : `${result.params.mode}`;
+      const label = result.params.mode === 'afa' ? `${MODE_LABELS.afa.name} ${result.params.ensemble}` : MODE_LABELS[result.params.mode].name;
       tiles.push({ image: result.images[0].image, label });
       const file = path.join(outDir, `${tag}${slug(prompt)}-${seed}-compare.png`);
       await writeFile(file, await renderGrid(tiles));

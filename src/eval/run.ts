@@ -1,6 +1,7 @@
 // Generates every prompt of the set in every mode through the engine, and has the classifier read
 // each image back: the raw material of the results table.
 import type { EngineClient, GeneratedImage, GenerateRequest, PackageInfo } from '../engine/api.ts';
+import { MODE_LABELS } from '../engine/labels.ts';
 import type { ImageReader } from './classifier.ts';
 import type { EvalPrompt } from './prompts.ts';
 import { routingShares, scoreReading, type PromptScore } from './scoring.ts';
@@ -34,16 +35,16 @@ export function evalModes(info: PackageInfo, ensembleId?: string): { modes: Eval
     expert: id,
   }));
   if (experts.length >= 2) {
-    modes.push({ key: 'average', label: `Average of ${experts.length}`, request: { mode: 'average', experts: [...experts] } });
+    modes.push({ key: 'average', label: `${MODE_LABELS.average.name} of ${experts.length}`, request: { mode: 'average', experts: [...experts] } });
     const tags = experts.map((id) => info.architectures?.[id]);
     if (tags.some((t) => t !== tags[0])) {
       notes.push(`merge left out: the experts have different architectures (${tags.join(', ')})`);
     } else {
-      modes.push({ key: 'merge', label: `Merge of ${experts.length}`, request: { mode: 'merge', experts: [...experts] } });
+      modes.push({ key: 'merge', label: `${MODE_LABELS.merge.name} of ${experts.length}`, request: { mode: 'merge', experts: [...experts] } });
     }
   }
   if (ensemble) {
-    modes.push({ key: `afa:${ensemble.id}`, label: `AFA ${ensemble.id}`, request: { mode: 'afa', ensemble: ensemble.id, contributions: true } });
+    modes.push({ key: `afa:${ensemble.id}`, label: `${MODE_LABELS.afa.name} ${ensemble.id}`, request: { mode: 'afa', ensemble: ensemble.id, contributions: true } });
   } else {
     notes.push('AFA left out: the package has no ensemble');
   }

@@ -1,17 +1,10 @@
 import { MessageFlags, InteractionContextType, SlashCommandBuilder, type AutocompleteInteraction, type ChatInputCommandInteraction } from 'discord.js';
 import { MODES, SCHEDULER_NAMES } from '../../engine/api.ts';
+import { modeChoice, SCHEDULER_LABELS } from '../../engine/labels.ts';
 import { channelAllowed, channelRefusal, type BotContext, type SlashCommand } from '../context.ts';
 import { buildImagineRequest, LIMITS } from '../imagine-request.ts';
 import { modelSuggestions } from '../model-choice.ts';
 import { interactionRoute, newJobId } from '../new-job.ts';
-
-const MODE_LABELS: Record<string, string> = {
-  afa: 'AFA — trained ensemble (adaptive feature aggregation)',
-  average: 'Average — mean of the models’ predictions',
-  merge: 'Merge — average of the models’ weights',
-  single: 'Single model',
-};
-const SCHEDULER_LABELS: Record<string, string> = { ddim: 'DDIM', euler: 'Euler', euler_a: 'Euler a', dpmpp_2m: 'DPM++ 2M' };
 
 const data = new SlashCommandBuilder()
   .setName('imagine')
@@ -28,7 +21,7 @@ const data = new SlashCommandBuilder()
     o
       .setName('mode')
       .setDescription('How several models are combined (default: from the model)')
-      .addChoices(...MODES.map((mode) => ({ name: MODE_LABELS[mode], value: mode }))),
+      .addChoices(...MODES.map((mode) => ({ name: modeChoice(mode), value: mode }))),
   )
   .addStringOption((o) => o.setName('negative').setDescription('What to avoid').setMaxLength(LIMITS.negativeMaxLength))
   .addIntegerOption((o) => o.setName('seed').setDescription('Same seed, same picture').setMinValue(0).setMaxValue(LIMITS.maxSeed))

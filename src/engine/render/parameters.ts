@@ -3,17 +3,9 @@
 // so its PNG Info tab, Civitai and other readers understand our images.
 import type { Mode, ResolvedParams, SchedulerName } from '../api.ts';
 import { MODES, SCHEDULER_NAMES } from '../api.ts';
-
-/** A1111's sampler names for our schedulers. */
-export const A1111_SAMPLER_NAMES: Readonly<Record<SchedulerName, string>> = {
-  ddim: 'DDIM',
-  euler: 'Euler',
-  euler_a: 'Euler a',
-  dpmpp_2m: 'DPM++ 2M',
-};
+import { KARRAS_LABEL, SCHEDULER_LABELS } from '../labels.ts';
 
 /** A1111 writes the label of the chosen schedule; `Automatic` is the sampler's own default. */
-const SCHEDULE_KARRAS = 'Karras';
 const SCHEDULE_DEFAULT = 'Automatic';
 
 /** Python's `str(float)` for the values we write: integers keep a `.0` (A1111 writes `CFG scale: 7.0`). */
@@ -50,8 +42,8 @@ function formatWeight(weight: number): string {
 export function formatParameters(params: ResolvedParams): string {
   const fields: [string, string | undefined][] = [
     ['Steps', String(params.steps)],
-    ['Sampler', A1111_SAMPLER_NAMES[params.scheduler]],
-    ['Schedule type', params.karras ? SCHEDULE_KARRAS : SCHEDULE_DEFAULT],
+    ['Sampler', SCHEDULER_LABELS[params.scheduler]],
+    ['Schedule type', params.karras ? KARRAS_LABEL : SCHEDULE_DEFAULT],
     ['CFG scale', pythonFloat(params.guidance)],
     ['Seed', String(params.seed)],
     ['Size', `${params.width}x${params.height}`],
@@ -106,9 +98,10 @@ function parseInteger(value: string | undefined): number | undefined {
 
 function parseSampler(sampler: string): { scheduler?: SchedulerName; karras?: boolean } {
   // Before webui 1.9 the schedule was part of the sampler name ("DPM++ 2M Karras").
-  const legacyKarras = sampler.endsWith(' Karras');
-  const base = legacyKarras ? sampler.slice(0, -' Karras'.length) : sampler;
-  const scheduler = SCHEDULER_NAMES.find((name) => A1111_SAMPLER_NAMES[name] === base);
+  const suffix = ` ${KARRAS_LABEL}`;
+  const legacyKarras = sampler.endsWith(suffix);
+  const base = legacyKarras ? sampler.slice(0, -suffix.length) : sampler;
+  const scheduler = SCHEDULER_NAMES.find((name) => SCHEDULER_LABELS[name] === base);
   return { scheduler, karras: legacyKarras ? true : undefined };
 }
 
@@ -150,7 +143,7 @@ export function parseParameters(text: string): ParsedParameters {
     parsed.scheduler = scheduler;
     parsed.karras = karras;
   }
-  if (fields['Schedule type'] !== undefined) parsed.karras = fields['Schedule type'] === SCHEDULE_KARRAS;
+  if (fields['Schedule type'] !== undefined) parsed.karras = fields['Schedule type'] === KARRAS_LABEL;
   parsed.guidance = parseNumber(fields['CFG scale']);
   parsed.seed = parseInteger(fields['Seed']);
   const size = /^(\d+)x(\d+)$/.exec(fields['Size'] ?? '');
