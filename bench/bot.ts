@@ -14,7 +14,7 @@ import { loadConfig } from '../src/bot/config.ts';
 import { createLogger } from '../src/log/logger.ts';
 import type { GenerateRequest } from '../src/engine/api.ts';
 import { startEngineThread } from '../src/engine-host/engine-thread.ts';
-import { FakeDiscord } from '../test/support/fake-discord.ts';
+import { FakeDiscord } from '../src/testing/fake-discord.ts';
 
 const { values } = parseArgs({
   options: {

@@ -20,7 +20,7 @@ import { parseArgs } from 'node:util';
 import type { EngineClient, GenerateRequest, PackageInfo } from '../src/engine/api.ts';
 import { RemoteEngineClient } from '../src/distributed/remote-engine.ts';
 import { startEngineThread } from '../src/engine-host/engine-thread.ts';
-import { startRedis, type TestRedis } from '../test/support/redis.ts';
+import { startRedis, type TestRedis } from '../src/testing/redis-server.ts';
 
 const { values } = parseArgs({
   options: {

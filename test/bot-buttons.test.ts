@@ -1,7 +1,7 @@
 // Buttons (🔁 🧩 🔍 🗑️) and the 🔁 reaction on result messages, end to end.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { PERMISSIONS } from './support/fake-discord.ts';
+import { PERMISSIONS } from '../src/testing/fake-discord.ts';
 import { BotHarness, embedField, isResult, pngParameters } from './support/bot-harness.ts';
 
 let h: BotHarness;

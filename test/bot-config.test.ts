@@ -7,7 +7,7 @@ import { parse as parseDotenv } from 'dotenv';
 import { CONFIG_VARIABLES, ConfigError, loadConfig } from '../src/bot/config.ts';
 import { deployCommands } from '../src/bot/deploy-commands.ts';
 import { createLogger } from '../src/log/logger.ts';
-import { FakeDiscord } from './support/fake-discord.ts';
+import { FakeDiscord } from '../src/testing/fake-discord.ts';
 
 const BASE = { DISCORD_TOKEN: 'abc.def.ghi-secret-token', DISCORD_APPLICATION_ID: '123456789012345678' };
 

@@ -8,7 +8,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { commands } from '../src/bot/commands/index.ts';
 import { FIXTURE_PACKAGE, isResult } from './support/bot-harness.ts';
-import { FakeDiscord } from './support/fake-discord.ts';
+import { FakeDiscord } from '../src/testing/fake-discord.ts';
 
 const MAIN = fileURLToPath(new URL('../src/bot/main.ts', import.meta.url));
 const TSX = import.meta.resolve('tsx');

@@ -3,7 +3,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { BotHarness, createTestEngine } from './support/bot-harness.ts';
 import { GatedEngine } from './support/engine-wrappers.ts';
-import type { FakeInteraction } from './support/fake-discord.ts';
+import type { FakeInteraction } from '../src/testing/fake-discord.ts';
 
 async function ephemeral(interaction: FakeInteraction): Promise<string> {
   await interaction.waitFor((i) => i.acknowledged, 5000, 'acknowledgement');

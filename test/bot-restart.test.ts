@@ -7,7 +7,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { JOB_DATABASE_FILE } from '../src/bot/bot.ts';
 import { JobStore } from '../src/store/job-store.ts';
-import { FakeDiscord } from './support/fake-discord.ts';
+import { FakeDiscord } from '../src/testing/fake-discord.ts';
 import { BotHarness, createTestEngine, isResult, pngParameters } from './support/bot-harness.ts';
 import { GatedEngine } from './support/engine-wrappers.ts';
 

@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { EngineError } from '../src/engine/api.ts';
 import { BotHarness, createTestEngine } from './support/bot-harness.ts';
 import { RejectingEngine } from './support/engine-wrappers.ts';
-import type { FakeInteraction } from './support/fake-discord.ts';
+import type { FakeInteraction } from '../src/testing/fake-discord.ts';
 
 let h: BotHarness;
 

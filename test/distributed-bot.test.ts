@@ -8,8 +8,8 @@ import { WorkerHost } from '../src/distributed/worker-host.ts';
 import { startEngineThread } from '../src/engine-host/engine-thread.ts';
 import { BotHarness, FIXTURE_PACKAGE, pngParameters } from './support/bot-harness.ts';
 import { GatedEngine, SlowMotionEngine } from './support/engine-wrappers.ts';
-import type { FakeInteraction } from './support/fake-discord.ts';
-import { startRedis, type TestRedis } from './support/redis.ts';
+import type { FakeInteraction } from '../src/testing/fake-discord.ts';
+import { startRedis, type TestRedis } from '../src/testing/redis-server.ts';
 
 type Logged = { msg: string; job?: string; reason?: string };
 

@@ -19,7 +19,7 @@ import { WorkerHost } from '../src/distributed/worker-host.ts';
 import { EngineThread, startEngineThread } from '../src/engine-host/engine-thread.ts';
 import { StepHold } from '../src/engine-host/step-hold.ts';
 import { copyOfTiny, REPO_ROOT, TINY } from './helpers/fixture.ts';
-import { startRedis, type TestRedis } from './support/redis.ts';
+import { startRedis, type TestRedis } from '../src/testing/redis-server.ts';
 
 type LogLine = { msg?: string; job?: string; worker?: string; reason?: string; run?: number; problem?: string; [k: string]: unknown };
 

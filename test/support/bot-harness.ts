@@ -9,7 +9,7 @@ import { loadConfig, type BotConfig } from '../../src/bot/config.ts';
 import type { EngineClient, PackageInfo } from '../../src/engine/api.ts';
 import type { JobRecord } from '../../src/store/job-store.ts';
 import { parseParameters, readPngText } from '../../src/engine/render/index.ts';
-import { FakeDiscord, type FakeInteraction, type FakeMessage, type FakeUser, type OptionValue } from './fake-discord.ts';
+import { FakeDiscord, type FakeInteraction, type FakeMessage, type FakeUser, type OptionValue } from '../../src/testing/fake-discord.ts';
 import { ProceduralTestEngine } from './procedural-engine.ts';
 import { startEngineThread } from '../../src/engine-host/engine-thread.ts';
 

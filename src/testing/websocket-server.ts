@@ -1,5 +1,5 @@
 // A minimal RFC 6455 server side (text frames, ping/pong, close), enough to be a Discord gateway
-// for the real discord.js client in tests without depending on `ws`'s typings.
+// for the real discord.js client without depending on `ws`'s typings.
 import { createHash } from 'node:crypto';
 import type { IncomingMessage } from 'node:http';
 import type { Duplex } from 'node:stream';

@@ -1,5 +1,6 @@
-// A real redis-server for the distributed-mode tests: 127.0.0.1, a free port, its own temp dir, AOF
-// persistence on (as the README tells production to run it), stopped and removed by `stop()`.
+// A real, throwaway redis-server for the distributed-mode tests and bench:workers: 127.0.0.1, a free
+// port, its own temp dir, AOF persistence on (as the README tells production to run it), stopped and
+// removed by `stop()`.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';

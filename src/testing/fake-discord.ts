@@ -1,4 +1,4 @@
-// A fake Discord for end-to-end tests of the bot with the real discord.js client: the gateway
+// A fake Discord for the bot's end-to-end tests and bench:bot, with the real discord.js client: the gateway
 // (WebSocket on /gateway, found through GET /api/v10/gateway/bot) and the REST routes the bot uses,
 // on 127.0.0.1. It keeps messages and interactions like Discord does, enforces the 3 s acknowledgement
 // window and the interaction token's lifetime, records every request, and can inject failures.
