@@ -98,7 +98,7 @@ export function renderReport(r: ReportInput): string {
   );
   if (r.promptSet.name === 'quick') out.push('> **Quick subset**: a smoke test of the evaluation, not a measurement.', '');
 
-  out.push('## Targets (issue 4, item 4)', '', '| target | measured | result |', '|---|---|---|');
+  out.push('## Targets', '', '| target | measured | result |', '|---|---|---|');
   for (const t of r.targets) out.push(`| ${t.target} | ${t.measured || '–'} | ${formatMargin(t)} |`);
   out.push('');
 

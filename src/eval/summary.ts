@@ -1,6 +1,6 @@
 // From per-prompt outcomes to the numbers of the report: adherence per mode and kind of prompt,
-// each expert's shape accuracy on its own family, AFA routing, Fréchet distances, and the targets
-// of issue 4 (item 4) with pass/miss and the margin.
+// each expert's shape accuracy on its own family, AFA routing, Fréchet distances, and the demo's
+// targets with pass/miss and the margin.
 import { featureStats, frechetDistance } from './frechet.ts';
 import type { EvalPrompt } from './prompts.ts';
 import { referenceRoot, type Reference, type SetKind } from './reference.ts';
@@ -108,7 +108,10 @@ function target(target: string, value: number | null | undefined, required: numb
   return { target, measured, pass: margin >= -1e-12, margin: unit === 'points' ? margin * 100 : margin, unit };
 }
 
-/** The targets of issue 4, item 4, on this run. */
+/**
+ * The demo's targets on this run: what each expert and the AFA ensemble must reach, and by how much
+ * the ensemble must beat the experts alone, their average and their merge.
+ */
 export function evaluateTargets(summaries: ModeSummary[]): TargetResult[] {
   const afa = summaries.find((s) => s.mode === 'afa');
   const average = summaries.find((s) => s.mode === 'average');
