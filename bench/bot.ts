@@ -1,8 +1,8 @@
 // `npm run bench:bot [-- --json] [--model-dir DIR] [--commands N] [--jobs N] [--steps N] [--concurrency N]`
 // The bot under load, through the real discord.js client and the fake Discord on 127.0.0.1:
 //  1. acknowledgement latency (p50/p99/max) of N concurrent /imagine while a generation runs;
-//  2. jobs per minute through the whole bot (queue, engine worker, PNG rendering, Discord edits)
-//     against the engine alone (the same engine worker, generate() back to back).
+//  2. jobs per minute through the whole bot (queue, engine thread, PNG rendering, Discord edits)
+//     against the engine alone (the same engine thread, generate() back to back).
 // The fake Discord runs in the same process as the bot, so its own work is included in the latency.
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { cpus, tmpdir } from 'node:os';

@@ -1,4 +1,4 @@
-// `npm start`: reads .env, validates the configuration, starts the engine worker and the bot.
+// `npm start`: reads .env, validates the configuration, starts the engine threads and the bot.
 import { config as loadDotenv } from 'dotenv';
 import { startEnginePool } from '../engine-host/engine-pool.ts';
 import { createLogger } from '../log/logger.ts';

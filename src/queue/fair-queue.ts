@@ -16,7 +16,7 @@ export interface FairQueueJob {
 }
 
 export interface FairQueueOptions {
-  /** Jobs run at the same time (engine workers). */
+  /** Jobs run at the same time (engine threads, or jobs handed to the GPU workers). */
   concurrency: number;
   /** Waiting + running jobs one user may have. */
   maxJobsPerUser: number;
