@@ -169,6 +169,31 @@ test('the project keeps its import boundaries', () => {
   assert.deepEqual(violations(edges), []);
 });
 
+test("the bot's own thread never loads onnxruntime-node, even indirectly (the engine runs in a thread or on a GPU worker)", () => {
+  const { edges } = projectEdges();
+  const out = new Map<string, Edge[]>();
+  for (const edge of edges) out.set(edge.from, [...(out.get(edge.from) ?? []), edge]);
+  const start = [...out.keys()].filter((file) => file.startsWith(PARTS.bot));
+  const seen = new Set(start);
+  const via = new Map<string, string>();
+  const queue = [...start];
+  while (queue.length > 0) {
+    const file = queue.shift()!;
+    for (const edge of out.get(file) ?? []) {
+      if (edge.package) {
+        const chain = [file];
+        while (via.has(chain[0])) chain.unshift(via.get(chain[0])!);
+        assert.notEqual(edge.to, 'onnxruntime-node', `${chain.join(' -> ')} -> onnxruntime-node`);
+      } else if (!seen.has(edge.to)) {
+        seen.add(edge.to);
+        via.set(edge.to, file);
+        queue.push(edge.to);
+      }
+    }
+  }
+  assert.ok(seen.has('src/engine/api.ts'));
+});
+
 test('every part of the layering table has files, and every source file a part', () => {
   const { files } = projectEdges();
   for (const part of Object.keys(PARTS) as Part[]) assert.ok(files.some((file) => partOf(file) === part), `no file in ${part} (${PARTS[part]})`);
