@@ -1,13 +1,15 @@
 """ONNX export of trained modules into a model package (docs/model-package.md) and its manifest.
 
-    onnx_io    torch.onnx.export across torch versions; reading and writing graph files
-    fp16       float16 weight storage, parity rounding, short value names
-    ort_check  runs graphs in onnxruntime-node (scripts/ort-run.mjs)
-    parity     PyTorch against onnxruntime on the same feeds
-    graphs     the four graph kinds: text encoder, VAE decoder, U-Net, fused AFA ensemble
-    manifest   manifest.json: validation and writing
-    package    whole packages (save_package)
-    spec       packages from trained model folders named in a JSON spec; the CLI
+    errors           ExportError, ExportDriftError, ManifestError
+    onnx_io          torch.onnx.export across torch versions; reading and writing graph files
+    fp16             float16 weight storage, parity rounding, short value names
+    ort_check        runs graphs in onnxruntime-node (scripts/ort-run.mjs)
+    parity           PyTorch against onnxruntime on the same feeds
+    graphs           the four graph kinds: text encoder, VAE decoder, U-Net, fused AFA ensemble
+    manifest_schema  a manifest against docs/manifest.schema.json and the rules across its fields
+    manifest         manifest.json: validation (the schema's rules, then the package's files) and writing
+    package          whole packages (save_package)
+    spec             packages from trained model folders named in a JSON spec; the CLI
 
 `python3 -m trainer.export --spec package-spec.json --out models/<name>` runs spec.main. The names
 below are the package's API, so that `from trainer.export import save_package` works.

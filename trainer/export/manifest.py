@@ -1,189 +1,32 @@
-"""The package manifest (docs/model-package.md): validation with every problem named, and writing it."""
+"""The package manifest (docs/model-package.md): validation with every problem named, and writing it.
+
+The manifest's own rules are docs/manifest.schema.json's (trainer.export.manifest_schema); what needs
+the package folder (files inside it, the inputs and outputs of its graphs) is checked here.
+"""
 from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Any, Iterable, List, Mapping, Optional
 
 from trainer.export.errors import ManifestError
+from trainer.export.manifest_schema import manifest_problems
 from trainer.export.onnx_io import graph_io
 
 FORMAT = "ensemble-diffusion-package"
 FORMAT_VERSION = 1
-SCHEDULER_NAMES = ("ddim", "euler", "euler_a", "dpmpp_2m")
-ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]*$", re.IGNORECASE)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-_TOP_KEYS = {"format", "format_version", "name", "version", "description", "latent", "tokenizer", "text_encoder",
-             "vae_decoder", "scheduler", "defaults", "size", "limits", "display", "experts", "ensembles"}
-_EXPERT_KEYS = {"id", "title", "description", "unet", "path", "text_encoder", "tokenizer", "architecture"}
-_ENSEMBLE_KEYS = {"id", "title", "description", "method", "experts", "graph", "subsets"}
 
 
 def validate_manifest(manifest: Mapping[str, Any], package_dir: Optional[str] = None) -> None:
-    """Raises ManifestError listing every way `manifest` breaks docs/model-package.md.
+    """Raises ManifestError listing every way `manifest` breaks docs/manifest.schema.json and the rules
+    across its fields (trainer.export.manifest_schema, the same rules as the engine's reader).
 
     With package_dir, also checks that every named file exists inside the package and that the
     graphs have the inputs and outputs their role needs.
     """
-    problems: List[str] = []
-    add = problems.append
-    m = manifest
-    if not isinstance(m, Mapping):
-        raise ManifestError("the manifest must be a JSON object")
-    for key in sorted(set(m) - _TOP_KEYS):
-        add(f"unknown key {key!r}")
-    if m.get("format") != FORMAT:
-        add(f"format must be {FORMAT!r}, got {m.get('format')!r}")
-    if m.get("format_version") != FORMAT_VERSION or not _is_int(m.get("format_version")):
-        add(f"format_version must be {FORMAT_VERSION}, got {m.get('format_version')!r}")
-    if not isinstance(m.get("name"), str) or not m.get("name"):
-        add("name must be a non-empty string")
-    for key in ("version", "description"):
-        if key in m and not isinstance(m[key], str):
-            add(f"{key} must be a string")
-
-    latent = m.get("latent")
-    downsample = None
-    if not isinstance(latent, Mapping):
-        add("latent must be an object {channels, downsample, scale_factor}")
-    else:
-        for key in ("channels", "downsample"):
-            if not (_is_int(latent.get(key)) and latent[key] > 0):
-                add(f"latent.{key} must be a positive integer")
-        if not (_is_number(latent.get("scale_factor")) and latent["scale_factor"] > 0):
-            add("latent.scale_factor must be a positive number")
-        for key in sorted(set(latent) - {"channels", "downsample", "scale_factor"}):
-            add(f"unknown key latent.{key}")
-        if _is_int(latent.get("downsample")) and latent["downsample"] > 0:
-            downsample = latent["downsample"]
-
-    for key in ("tokenizer", "text_encoder", "vae_decoder", "scheduler"):
-        if key in m and (not isinstance(m[key], str) or not m[key]):
-            add(f"{key} must be a path (string)")
-
-    size = m.get("size")
-    if size is not None:
-        if not isinstance(size, Mapping) or not all(_is_int(size.get(k)) and size[k] > 0 for k in ("min", "max")):
-            add("size must be {min, max} with positive integers")
-            size = None
-        else:
-            if size["min"] > size["max"]:
-                add(f"size.min {size['min']} > size.max {size['max']}")
-            if downsample:
-                for k in ("min", "max"):
-                    if size[k] % downsample:
-                        add(f"size.{k} {size[k]} is not a multiple of latent.downsample {downsample}")
-
-    defaults = m.get("defaults")
-    if not isinstance(defaults, Mapping):
-        add("defaults must be an object {steps, guidance, scheduler, width, height}")
-    else:
-        if not (_is_int(defaults.get("steps")) and 1 <= defaults["steps"] <= 1000):
-            add("defaults.steps must be an integer in 1..1000")
-        if not (_is_number(defaults.get("guidance")) and 0 <= defaults["guidance"] <= 50):
-            add("defaults.guidance must be a number in 0..50")
-        if defaults.get("scheduler") not in SCHEDULER_NAMES:
-            add(f"defaults.scheduler must be one of {list(SCHEDULER_NAMES)}, got {defaults.get('scheduler')!r}")
-        for k in ("width", "height"):
-            v = defaults.get(k)
-            if not (_is_int(v) and v > 0):
-                add(f"defaults.{k} must be a positive integer")
-                continue
-            if downsample and v % downsample:
-                add(f"defaults.{k} {v} is not a multiple of latent.downsample {downsample}")
-            if size is not None and not size["min"] <= v <= size["max"]:
-                add(f"defaults.{k} {v} is outside size [{size['min']}, {size['max']}]")
-        for key in sorted(set(defaults) - {"steps", "guidance", "scheduler", "width", "height"}):
-            add(f"unknown key defaults.{key}")
-
-    limits = m.get("limits")
-    if limits is not None:
-        if not isinstance(limits, Mapping) or set(limits) - {"max_steps", "max_count"} or \
-                not all(_is_int(v) and v > 0 for v in limits.values()):
-            add("limits must be {max_steps?, max_count?} with positive integers")
-    display = m.get("display")
-    if display is not None:
-        if not isinstance(display, Mapping) or set(display) != {"width", "height"} or \
-                not all(_is_int(v) and v > 0 for v in display.values()):
-            add("display must be {width, height} with positive integers")
-
-    experts = m.get("experts")
-    expert_ids: List[str] = []
-    if not isinstance(experts, list) or not experts:
-        add("experts must be a non-empty list")
-        experts = []
-    for k, e in enumerate(experts):
-        where = f"experts[{k}]"
-        if not isinstance(e, Mapping):
-            add(f"{where} must be an object")
-            continue
-        if not isinstance(e.get("id"), str) or not ID_PATTERN.match(e["id"]):
-            add(f"{where}.id must match {ID_PATTERN.pattern}, got {e.get('id')!r}")
-        else:
-            expert_ids.append(e["id"])
-            where = f"expert {e['id']!r}"
-        if "unet" not in e and "path" not in e:
-            add(f"{where} needs \"unet\" (a graph) or \"path\" (an Optimum SD folder)")
-        for key in ("title", "description", "unet", "path", "text_encoder", "tokenizer", "architecture"):
-            if key in e and not isinstance(e[key], str):
-                add(f"{where}.{key} must be a string")
-        for key in sorted(set(e) - _EXPERT_KEYS):
-            add(f"unknown key {where}.{key}")
-
-    ensembles = m.get("ensembles", [])
-    ensemble_ids: List[str] = []
-    if not isinstance(ensembles, list):
-        add("ensembles must be a list")
-        ensembles = []
-    for k, ens in enumerate(ensembles):
-        where = f"ensembles[{k}]"
-        if not isinstance(ens, Mapping):
-            add(f"{where} must be an object")
-            continue
-        if not isinstance(ens.get("id"), str) or not ID_PATTERN.match(ens["id"]):
-            add(f"{where}.id must match {ID_PATTERN.pattern}, got {ens.get('id')!r}")
-        else:
-            ensemble_ids.append(ens["id"])
-            where = f"ensemble {ens['id']!r}"
-        if ens.get("method", "afa") != "afa":
-            add(f"{where}.method must be \"afa\"")
-        members = ens.get("experts")
-        if not isinstance(members, list) or len(members) < 2:
-            add(f"{where}.experts must list at least 2 expert ids")
-        else:
-            for x in members:
-                if x not in expert_ids:
-                    add(f"{where} names unknown expert {x!r}")
-            if len(set(map(str, members))) != len(members):
-                add(f"{where} lists an expert twice")
-        if not isinstance(ens.get("graph"), str):
-            add(f"{where}.graph must be a path (string)")
-        if "subsets" in ens and not isinstance(ens["subsets"], bool):
-            add(f"{where}.subsets must be true or false")
-        for key in ("title", "description"):
-            if key in ens and not isinstance(ens[key], str):
-                add(f"{where}.{key} must be a string")
-        for key in sorted(set(ens) - _ENSEMBLE_KEYS):
-            add(f"unknown key {where}.{key}")
-
-    seen = set()
-    for x in expert_ids + ensemble_ids:
-        if x in seen:
-            add(f"the id {x!r} is used twice")
-        seen.add(x)
-
+    problems = manifest_problems(manifest)
     if package_dir is not None and not problems:
-        problems += _check_package_files(m, package_dir)
+        problems += _check_package_files(manifest, package_dir)
     if problems:
         raise ManifestError("invalid manifest:\n  " + "\n  ".join(problems))
 

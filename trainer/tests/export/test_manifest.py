@@ -34,7 +34,7 @@ def test_the_fixture_manifest_is_valid():
     (lambda m: m["experts"][0].pop("unet"), "needs \"unet\" (a graph) or \"path\""),
     (lambda m: m.update(extra=1), "unknown key 'extra'"),
     (lambda m: m["latent"].update(scale_factor=0), "latent.scale_factor must be a positive number"),
-    (lambda m: m["ensembles"][0].update(experts=["alpha"]), "must list at least 2 expert ids"),
+    (lambda m: m["ensembles"][0].update(experts=["alpha"]), "ensembles[0].experts must be a list of at least 2 items"),
 ])
 def test_manifest_problems_are_named(mutate, problem):
     m = copy.deepcopy(fixture_manifest()) if os.path.isfile(os.path.join(FIXTURE, "manifest.json")) else None
