@@ -74,7 +74,7 @@ const step = {
 };
 
 let torchOverEngine: number | null = null;
-const torchScript = path.resolve('trainer/bench_reference.py');
+const torchScript = path.resolve('trainer/fixture/bench_reference.py');
 if (existsSync(torchScript)) {
   // Debian's python3 (or PYTHON), as the trainer's tests use: a pyenv/venv python3 first on PATH has no torch
   const py = process.env.PYTHON || '/usr/bin/python3';

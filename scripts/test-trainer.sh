@@ -8,4 +8,4 @@ if ! "$PY" -c "import $PY_MODULES" >/dev/null 2>&1; then
   exit 1
 fi
 export OMP_WAIT_POLICY=PASSIVE
-exec "$PY" -m pytest -q trainer/tests "$@"
+exec "$PY" -m pytest "$@"  # pyproject.toml: testpaths trainer/tests, -q

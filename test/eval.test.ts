@@ -23,7 +23,7 @@ import { REPO_ROOT, TINY } from './helpers/fixture.ts';
 
 const run = promisify(execFile);
 
-// trainer/shapes.py's caption grammar
+// trainer/demo/shapes.py's caption grammar
 const OBJECT =
   `an? (?:(?:${SIZES.join('|')}) )?(?:(?:${COLOURS.join('|')}) )?(?:${SHAPES.join('|')})` +
   '(?: (?:on the left|on the right|at the top|at the bottom|in the center))?';
@@ -248,8 +248,8 @@ describe('Fréchet distance', () => {
   const a = [[0, 0, 1], [1, 2, 0], [2, 1, 1], [0, 1, 3], [1, 0, 0]];
   const b = [[1, 1, 1], [2, 0, 1], [0, 2, 2], [3, 1, 0]];
 
-  test('matches trainer/classifier.py frechet_distance on a fixed example', () => {
-    // python3 -c "from trainer.classifier import frechet_distance; print(frechet_distance(a, b))"
+  test('matches trainer/demo/classifier.py frechet_distance on a fixed example', () => {
+    // python3 -c "from trainer.demo.classifier import frechet_distance; print(frechet_distance(a, b))"
     const expected = 1.5660013403429138;
     assert.ok(Math.abs(frechetDistance(featureStats(a), featureStats(b)) - expected) < 1e-9);
     assert.ok(Math.abs(frechetDistance(featureStats(b), featureStats(a)) - expected) < 1e-9);
