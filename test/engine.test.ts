@@ -4,7 +4,12 @@ import { mkdir, readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { EngineError, type GenerateRequest } from '../src/engine/api.ts';
+import type { EnsembleEntry, ExpertEntry } from '../src/engine/manifest.ts';
 import { Engine } from '../src/engine/pipeline.ts';
+import { ContributionAccumulator } from '../src/engine/pipeline/contributions.ts';
+import { ClassifierFreeGuidance } from '../src/engine/pipeline/guidance.ts';
+import { SeededNoise, type LatentShape } from '../src/engine/pipeline/latents.ts';
+import { TorchGenerator } from '../src/engine/random.ts';
 import { copyOfTiny, maxAbsDiff, TINY } from './helpers/fixture.ts';
 
 const base: GenerateRequest = { prompt: 'a red circle on the left', mode: 'single', experts: ['alpha'], seed: 11, steps: 4 };
@@ -207,5 +212,44 @@ describe('broken packages', () => {
     const avg = await engine.generate({ ...base, mode: 'average', experts: ['alpha', 'sdfolder'] });
     assert.equal(avg.images.length, 1);
     await engine.dispose();
+  });
+});
+
+describe('pipeline steps', () => {
+  const shape: LatentShape = { batch: 2, channels: 1, height: 1, width: 2, perImage: 2 };
+
+  test('seeded noise: image i draws from seed + i, first x_T, then the ancestral noise', () => {
+    const noise = new SeededNoise(40, shape);
+    const first = noise.initialLatents(2);
+    const second = noise.next();
+    const [g40, g41] = [new TorchGenerator(40), new TorchGenerator(41)];
+    const expected = [...g40.randn(2), ...g41.randn(2)].map((v) => Math.fround(v * 2));
+    assert.deepEqual(Array.from(first), expected);
+    assert.deepEqual(Array.from(second), [...g40.randn(2), ...g41.randn(2)]);
+  });
+
+  test('classifier-free guidance: [uncond; cond] rows, and no uncond half at a scale of 1', () => {
+    const cfg = new ClassifierFreeGuidance(3, 1);
+    assert.deepEqual([cfg.rows, cfg.firstPromptRow], [2, 1]);
+    assert.deepEqual(Array.from(cfg.modelInput(Float32Array.from([5]))), [5, 5]);
+    assert.deepEqual(Array.from(cfg.combine(Float32Array.from([1, 2]))), [4]);
+    const off = new ClassifierFreeGuidance(1, 2);
+    assert.deepEqual([off.rows, off.firstPromptRow], [2, 0]);
+  });
+
+  test('the contribution accumulator averages the prompt rows over steps, picking the experts of an ensemble', () => {
+    const expert = (id: string) => ({ id }) as ExpertEntry;
+    const ensemble = { experts: ['a', 'b', 'c'] } as EnsembleEntry;
+    const acc = ContributionAccumulator.for([expert('c'), expert('a')], ensemble, shape);
+    // [rows = 4 (uncond × 2, cond × 2), 3 experts, 1 × 2 pixels]; the uncond rows must not count.
+    const step = (cond: number[][]) => Float32Array.from([...Array(12).fill(9), ...cond.flat()]);
+    acc.add(step([[0.2, 0.4], [0, 0], [0.8, 0.6], [0.5, 0.5], [0, 0], [0.5, 0.5]]), 4, 2);
+    acc.add(step([[0.4, 0.2], [0, 0], [0.6, 0.8], [1, 1], [0, 0], [0, 0]]), 4, 2);
+    const first = acc.mean(0);
+    assert.deepEqual(first.experts, ['c', 'a']);
+    assert.deepEqual(Array.from(first.weights[0], (v) => +v.toFixed(6)), [0.7, 0.7]);
+    assert.deepEqual(Array.from(first.weights[1], (v) => +v.toFixed(6)), [0.3, 0.3]);
+    assert.deepEqual(first.shares.map((v) => +v.toFixed(6)), [0.7, 0.3]);
+    assert.deepEqual(acc.mean(1).shares.map((v) => +v.toFixed(6)), [0.25, 0.75]);
   });
 });

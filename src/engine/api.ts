@@ -28,7 +28,11 @@ export interface GenerateRequest {
   height?: number;
   /** Also return per-expert weight maps (afa: the aggregator's; average: the fixed weights). */
   contributions?: boolean;
-  /** Send a small preview image with progress events (cheap latent → RGB approximation). */
+  /**
+   * Send a preview of image 0 with the progress event of every ⌊steps / 5⌋-th step but the last.
+   * It is a cheap latent → RGB approximation (a linear map per latent pixel fitted to the package's
+   * VAE, then upscaled to the image size), not a VAE decode: blurrier and less exact in colour.
+   */
   preview?: boolean;
 }
 
@@ -89,7 +93,7 @@ export interface GenerateResult {
 export interface ProgressEvent {
   step: number;
   steps: number;
-  /** Optional low-cost preview of image 0. */
+  /** Image 0 so far, at the image's size, when the request asked for previews (see GenerateRequest.preview). */
   preview?: RgbImage;
 }
 
@@ -139,12 +143,17 @@ export class EngineError extends Error {
   }
 }
 
+/** How a caller follows and stops one generation (the second argument of EngineClient.generate). */
+export interface GenerateCallOptions {
+  /** Aborting it stops the generation between denoising steps with EngineError('cancelled'). */
+  signal?: AbortSignal;
+  /** Called after every denoising step, some of them with a preview. */
+  onProgress?: (event: ProgressEvent) => void;
+}
+
 /** The async API every engine host offers (worker thread in-process, or a remote worker). */
 export interface EngineClient {
   info(): Promise<PackageInfo>;
-  generate(
-    request: GenerateRequest,
-    options?: { signal?: AbortSignal; onProgress?: (event: ProgressEvent) => void },
-  ): Promise<GenerateResult>;
+  generate(request: GenerateRequest, options?: GenerateCallOptions): Promise<GenerateResult>;
   dispose(): Promise<void>;
 }
