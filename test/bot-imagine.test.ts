@@ -1,7 +1,7 @@
 // End to end through the real discord.js client and the fake Discord: /imagine, progress, results.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import type { EngineClient, GenerateRequest, GenerateResult, PackageInfo, ProgressEvent } from '../src/engine/api.ts';
+import type { EngineClient, GenerateCallOptions, GenerateRequest, GenerateResult, PackageInfo, ProgressEvent } from '../src/engine/api.ts';
 import { BotHarness, createTestEngine, embedField, PNG_SIGNATURE, pngParameters } from './support/bot-harness.ts';
 
 /**
@@ -25,7 +25,7 @@ class SteppedEngine implements EngineClient {
     return this.base.info();
   }
 
-  async generate(request: GenerateRequest, options: { signal?: AbortSignal; onProgress?: (event: ProgressEvent) => void } = {}): Promise<GenerateResult> {
+  async generate(request: GenerateRequest, options: GenerateCallOptions = {}): Promise<GenerateResult> {
     const events: ProgressEvent[] = [];
     const result = await this.base.generate(request, { signal: options.signal, onProgress: (event) => events.push(event) });
     for (const event of events) {

@@ -3,7 +3,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { BotHarness, createTestEngine, isResult, pngParameters } from './support/bot-harness.ts';
 import { GatedEngine } from './support/engine-wrappers.ts';
-import type { EngineClient, GenerateRequest, GenerateResult, PackageInfo, ProgressEvent } from '../src/engine/api.ts';
+import type { EngineClient, GenerateCallOptions, GenerateRequest, GenerateResult, PackageInfo } from '../src/engine/api.ts';
 
 /** Generates for real, then holds the result until the test lets it go: the job keeps its slot till then. */
 class HeldResultEngine implements EngineClient {
@@ -13,7 +13,7 @@ class HeldResultEngine implements EngineClient {
   info(): Promise<PackageInfo> {
     return this.base.info();
   }
-  async generate(request: GenerateRequest, options?: { signal?: AbortSignal; onProgress?: (event: ProgressEvent) => void }): Promise<GenerateResult> {
+  async generate(request: GenerateRequest, options?: GenerateCallOptions): Promise<GenerateResult> {
     const result = await this.base.generate(request, options);
     await this.held;
     return result;

@@ -5,7 +5,7 @@
 import { randomUUID } from 'node:crypto';
 import { Queue, QueueEvents, type JobType } from 'bullmq';
 import type { Redis } from 'ioredis';
-import { EngineError, type EngineClient, type GenerateRequest, type GenerateResult, type PackageInfo, type ProgressEvent } from '../engine/api.ts';
+import { EngineError, type EngineClient, type GenerateCallOptions, type GenerateRequest, type GenerateResult, type PackageInfo, type ProgressEvent } from '../engine/api.ts';
 import { packageId, QUEUE_PREFIX, queueNameFor, redisKeys } from './names.ts';
 import { decodeFailure, JOB_NAME, type RemoteJobData, type RemoteJobProgress } from './protocol.ts';
 import { bullConnection, createRedis, type DistributedLogger } from './redis.ts';
@@ -122,7 +122,7 @@ export class RemoteEngineClient implements EngineClient {
 
   generate(
     request: GenerateRequest,
-    options: { signal?: AbortSignal; onProgress?: (event: ProgressEvent) => void } = {},
+    options: GenerateCallOptions = {},
   ): Promise<GenerateResult> {
     if (this.disposed) return Promise.reject(new EngineError('internal', 'The connection to the GPU workers is closed.'));
     if (options.signal?.aborted) return Promise.reject(new EngineError('cancelled', 'The generation was cancelled.'));

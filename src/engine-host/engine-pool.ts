@@ -1,7 +1,7 @@
 // Several engine threads behind one EngineClient: each job goes to the least busy thread, so
 // QUEUE_CONCURRENCY jobs really run at the same time (one thread runs one job at a time).
 import os from 'node:os';
-import type { EngineClient, GenerateRequest, GenerateResult, PackageInfo, ProgressEvent } from '../engine/api.ts';
+import type { EngineClient, GenerateRequest, GenerateResult, PackageInfo } from '../engine/api.ts';
 import type { EngineThreadCallOptions } from './engine-thread.ts';
 import type { EngineThreadOptions } from './protocol.ts';
 import { startSupervisedEngine, type SupervisorOptions } from './supervised-engine.ts';

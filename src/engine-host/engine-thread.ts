@@ -3,6 +3,7 @@ import { Worker } from 'node:worker_threads';
 import {
   EngineError,
   type EngineClient,
+  type GenerateCallOptions,
   type GenerateRequest,
   type GenerateResult,
   type PackageInfo,
@@ -12,7 +13,7 @@ import type { EngineThreadData, EngineThreadOptions, FromThread, SerializedError
 import { JobControl, type StepHold } from './step-hold.ts';
 
 /** generate()'s options on an engine thread: a `hold` stops the job after one of its steps (tests' hand-offs). */
-export type EngineThreadCallOptions = { signal?: AbortSignal; onProgress?: (event: ProgressEvent) => void; hold?: StepHold };
+export type EngineThreadCallOptions = GenerateCallOptions & { hold?: StepHold };
 
 interface Pending {
   resolve: (result: GenerateResult) => void;

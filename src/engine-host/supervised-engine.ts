@@ -1,6 +1,6 @@
 // An EngineClient that survives the death of its engine thread: the thread is started again, and a
 // job that was running when it died is run once more on the fresh one before it is given up.
-import { EngineError, type EngineClient, type GenerateRequest, type GenerateResult, type PackageInfo, type ProgressEvent } from '../engine/api.ts';
+import { EngineError, type EngineClient, type GenerateRequest, type GenerateResult, type PackageInfo } from '../engine/api.ts';
 import { EngineThread, type EngineThreadCallOptions } from './engine-thread.ts';
 import type { EngineThreadOptions } from './protocol.ts';
 

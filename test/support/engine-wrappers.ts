@@ -1,8 +1,6 @@
 // Wrappers around any EngineClient (the procedural double or the real engine) that let tests control
 // timing and failures without depending on how fast the engine underneath is.
-import { EngineError, type EngineClient, type GenerateRequest, type GenerateResult, type PackageInfo, type ProgressEvent } from '../../src/engine/api.ts';
-
-type GenerateOptions = { signal?: AbortSignal; onProgress?: (event: ProgressEvent) => void };
+import { EngineError, type EngineClient, type GenerateCallOptions, type GenerateRequest, type GenerateResult, type PackageInfo, type ProgressEvent } from '../../src/engine/api.ts';
 
 /** Holds every generate() call at a gate until the test opens it (abortable unless `ignoreAbort`). */
 export class GatedEngine implements EngineClient {
@@ -35,7 +33,7 @@ export class GatedEngine implements EngineClient {
     return this.base.info();
   }
 
-  async generate(request: GenerateRequest, options: GenerateOptions = {}): Promise<GenerateResult> {
+  async generate(request: GenerateRequest, options: GenerateCallOptions = {}): Promise<GenerateResult> {
     this.requests.push(structuredClone(request));
     this.waiting++;
     try {
@@ -73,7 +71,7 @@ export class RejectingEngine implements EngineClient {
     return this.base.info();
   }
 
-  async generate(request: GenerateRequest, options?: GenerateOptions): Promise<GenerateResult> {
+  async generate(request: GenerateRequest, options?: GenerateCallOptions): Promise<GenerateResult> {
     const error = this.rejects(request);
     if (error) throw error;
     return this.base.generate(request, options);
@@ -98,7 +96,7 @@ export class SlowMotionEngine implements EngineClient {
     return this.base.info();
   }
 
-  async generate(request: GenerateRequest, options: GenerateOptions = {}): Promise<GenerateResult> {
+  async generate(request: GenerateRequest, options: GenerateCallOptions = {}): Promise<GenerateResult> {
     const events: ProgressEvent[] = [];
     const result = await this.base.generate(request, { signal: options.signal, onProgress: (event) => events.push(event) });
     for (const event of events) {

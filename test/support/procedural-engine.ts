@@ -1,16 +1,16 @@
 // TEST DOUBLE of the engine: implements EngineClient without any model. It draws real RGB images
 // procedurally from (prompt, seed) — a coloured disc on a gradient — so the bot's PNG, grid and panel
 // paths get genuine pixels, and it paces its steps with timers (as a worker thread would, it never
-// blocks the event loop). The end-to-end tests switch to the real engine worker on the fixture
+// blocks the event loop). The end-to-end tests switch to the real engine thread on the fixture
 // package by changing `createTestEngine` in test/support/bot-harness.ts.
 import {
   EngineError,
   type ContributionMaps,
   type EngineClient,
+  type GenerateCallOptions,
   type GenerateRequest,
   type GenerateResult,
   type PackageInfo,
-  type ProgressEvent,
   type RgbImage,
 } from '../../src/engine/api.ts';
 
@@ -101,7 +101,7 @@ export class ProceduralTestEngine implements EngineClient {
 
   async generate(
     request: GenerateRequest,
-    options: { signal?: AbortSignal; onProgress?: (event: ProgressEvent) => void } = {},
+    options: GenerateCallOptions = {},
   ): Promise<GenerateResult> {
     if (this.disposed) throw new EngineError('internal', 'engine disposed');
     this.calls.push(structuredClone(request));
