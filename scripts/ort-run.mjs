@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 // Runs an ONNX graph in onnxruntime-node on tensors read from files, for the Python trainer's
-// export checks (trainer/ort_check.py); there is no onnxruntime for Python on the dev machines.
+// export checks (trainer/export/ort_check.py); there is no onnxruntime for Python on the dev machines.
 //
 //   node scripts/ort-run.mjs <model.onnx> [--threads N] [--meta <meta.json>] [<in.safetensors> <out.safetensors>]...
 //

@@ -1,5 +1,5 @@
 // One manifest schema: the zod reader (src/engine/manifest.ts) accepts and rejects the same examples as
-// trainer/manifest_schema.py (trainer/tests/test_manifest_schema.py runs over the same folder), fills in
+// trainer/export/manifest_schema.py (trainer/tests/export/test_manifest_schema.py runs over the same folder), fills in
 // the same defaults, and docs/manifest.schema.json is what the zod schema generates.
 import assert from 'node:assert/strict';
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
@@ -62,7 +62,7 @@ describe('manifest schema', () => {
     });
   }
 
-  test('fills in the defaults that with-defaults.json lists (as trainer/manifest_schema.py does)', () => {
+  test('fills in the defaults that with-defaults.json lists (as trainer/export/manifest_schema.py does)', () => {
     const want = readJson(path.join(EXAMPLES, 'with-defaults.json')) as Record<string, unknown>;
     assert.ok(Object.keys(want).length > 0);
     for (const [name, full] of Object.entries(want)) {

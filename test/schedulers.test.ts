@@ -1,3 +1,4 @@
+// Over 500 lines on purpose: one table-driven file for every scheduler, spacing and config against diffusers' golden trajectories.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';

@@ -151,7 +151,7 @@ export interface GenerateCallOptions {
   onProgress?: (event: ProgressEvent) => void;
 }
 
-/** The async API every engine host offers (worker thread in-process, or a remote worker). */
+/** The async API every engine host offers (engine threads in-process, or GPU worker processes over Redis). */
 export interface EngineClient {
   info(): Promise<PackageInfo>;
   generate(request: GenerateRequest, options?: GenerateCallOptions): Promise<GenerateResult>;

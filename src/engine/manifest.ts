@@ -8,10 +8,10 @@ export const SUPPORTED_FORMAT_VERSIONS = [1];
 
 // The one definition of manifest.json's structure. docs/manifest.schema.json is generated from it
 // (`npm run schema`; test/manifest-schema.test.ts fails while the committed file differs) and
-// trainer/manifest_schema.py validates against that file, so edit here, then regenerate. Every rule
+// trainer/export/manifest_schema.py validates against that file, so edit here, then regenerate. Every rule
 // must survive z.toJSONSchema: a .refine() says what it checks again in .meta() (anyOf, uniqueItems)
 // so that the JSON Schema has it too. Rules across fields live in crossFieldRules below (and in
-// cross_field_problems in trainer/manifest_schema.py); that the files exist, in loadManifest.
+// cross_field_problems in trainer/export/manifest_schema.py); that the files exist, in loadManifest.
 
 /** Letters, digits, "_", "-", "." (no i flag: JSON Schema patterns carry no flags). */
 const ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]*$/;
@@ -96,7 +96,7 @@ type Issue = { path: (string | number)[]; message: string };
 
 /**
  * The manifest's rules across fields, which JSON Schema does not express; the same list as
- * cross_field_problems in trainer/manifest_schema.py. Runs on data of the right types.
+ * cross_field_problems in trainer/export/manifest_schema.py. Runs on data of the right types.
  */
 function crossFieldRules(m: z.output<typeof manifestObject>): Issue[] {
   const issues: Issue[] = [];
@@ -142,7 +142,7 @@ const manifestSchema = manifestObject
     $comment:
       'Generated from src/engine/manifest.ts by `npm run schema`: edit there, not here. Not expressed here, ' +
       'and checked in code by both readers (crossFieldRules in src/engine/manifest.ts, cross_field_problems in ' +
-      'trainer/manifest_schema.py): ids unique across experts and ensembles; an ensemble names listed experts; ' +
+      'trainer/export/manifest_schema.py): ids unique across experts and ensembles; an ensemble names listed experts; ' +
       'size.min <= size.max; size and defaults.width/height are multiples of latent.downsample; defaults inside size. ' +
       '"errorMessage" is an annotation: the message for its anyOf. Files and graphs are checked with the package at hand.',
   });

@@ -1,5 +1,5 @@
 // The attribute classifier shipped with a package (`<package>/eval/classifier.onnx` + `classifier.json`,
-// written by trainer/classifier.py): reads back background, count, colour, shape, size and position
+// written by trainer/demo/classifier.py): reads back background, count, colour, shape, size and position
 // of generated images, per half for two-object scenes, plus a feature vector for the Fréchet distance.
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';

@@ -1,4 +1,4 @@
-// Prompt adherence from the classifier's readings, as trainer/classifier.py's `adherence()` scores
+// Prompt adherence from the classifier's readings, as trainer/demo/classifier.py's `adherence()` scores
 // it: per attribute the share of stated values read back, and full match (every stated attribute
 // right and the right object count). Pairs are read per half; their position is right when the
 // count head sees two objects and each half holds its object's stated colour and shape.

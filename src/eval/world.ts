@@ -1,4 +1,4 @@
-// The shapes world's vocabulary (trainer/shapes.py): attribute values in the trainer's class order,
+// The shapes world's vocabulary (trainer/demo/shapes.py): attribute values in the trainer's class order,
 // families, and the caption grammar the demo models were trained on.
 
 export const BACKGROUNDS = ['white', 'black', 'gray'] as const;
@@ -52,14 +52,14 @@ export interface Scene {
   background?: Background;
 }
 
-/** `a|an [size] [colour] <shape> [position phrase]`, as trainer/shapes.py's object_phrase. */
+/** `a|an [size] [colour] <shape> [position phrase]`, as trainer/demo/shapes.py's object_phrase. */
 export function objectPhrase(o: SceneObject): string {
   const words: string[] = [o.size, o.colour, o.shape].filter((w) => w !== undefined);
   const article = 'aeiou'.includes(words[0][0]) ? 'an' : 'a';
   return `${article} ${words.join(' ')}` + (o.position ? ` ${POSITION_PHRASES[o.position]}` : '');
 }
 
-/** Objects joined by " and ", then `, <background> background` (trainer/shapes.py's caption). */
+/** Objects joined by " and ", then `, <background> background` (trainer/demo/shapes.py's caption). */
 export function caption(scene: Scene): string {
   const text = scene.objects.map(objectPhrase).join(' and ');
   return scene.background ? `${text}, ${scene.background} background` : text;

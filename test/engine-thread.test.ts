@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { EngineError } from '../src/engine/api.ts';
 import { Engine } from '../src/engine/pipeline.ts';
-import { EngineThread, startEngineThread as startEngineWorker } from '../src/engine-host/engine-thread.ts';
+import { EngineThread, startEngineThread } from '../src/engine-host/engine-thread.ts';
 import { StepHold } from '../src/engine-host/step-hold.ts';
 import { copyOfTiny, maxAbsDiff, TINY } from './helpers/fixture.ts';
 import { writeFile } from 'node:fs/promises';
@@ -13,7 +13,7 @@ const request = { prompt: 'a blue square at the top', mode: 'afa' as const, ense
 
 const cancelled = (e: unknown) => e instanceof EngineError && e.code === 'cancelled';
 
-describe('engine worker thread', () => {
+describe('engine thread', () => {
   let client: EngineThread;
   before(async () => {
     client = await EngineThread.start({ modelDir: TINY, warmUp: true });
@@ -65,7 +65,7 @@ describe('engine worker thread', () => {
     ]);
   });
 
-  test('cancel stops a running job and the worker goes on with the next', async () => {
+  test('cancel stops a running job and the thread goes on with the next', async () => {
     // Held after step 3, the job cannot finish before the abort reaches it: cancelling releases the
     // hold, and the thread sees the cancellation at the next step boundary.
     const controller = new AbortController();
@@ -89,5 +89,5 @@ describe('engine worker thread', () => {
 test('a package that cannot load fails the start with the reason', async () => {
   const dir = await copyOfTiny();
   await writeFile(path.join(dir, 'vae_decoder/model.onnx'), 'garbage');
-  await assert.rejects(startEngineWorker({ modelDir: dir, warmUp: true }), (e: unknown) => e instanceof EngineError && /vae_decoder\/model\.onnx/.test(e.message));
+  await assert.rejects(startEngineThread({ modelDir: dir, warmUp: true }), (e: unknown) => e instanceof EngineError && /vae_decoder\/model\.onnx/.test(e.message));
 });
