@@ -1,5 +1,6 @@
-"""Small models shared by the training and io tests (seeded: the same weights in every test)."""
+"""Small models shared by the trainer's tests (seeded: the same weights in every test)."""
 import torch
+from torch import nn
 
 from trainer.models.afa import AFAEnsemble
 from trainer.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
@@ -43,3 +44,29 @@ def small_ensemble(n=3):
 
 def tensors_equal(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+CLIP_BOS = 49406
+CLIP_EOS = 49407
+
+
+def tiny_clip_text_encoder(**overrides) -> CLIPTextEncoder:
+    """A CLIP-vocabulary text encoder with non-trivial LayerNorm affine parameters, so that a missed norm
+    cannot go unnoticed."""
+    torch.manual_seed(0)
+    model = CLIPTextEncoder(TextEncoderConfig.tiny(vocab_size=49408, **overrides)).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+def clip_ids(*contents: list) -> torch.Tensor:
+    """Rows of 77 CLIP ids: BOS, the content, EOS, padded with EOS."""
+    rows = []
+    for content in contents:
+        row = [CLIP_BOS] + content + [CLIP_EOS]
+        rows.append(row + [CLIP_EOS] * (77 - len(row)))
+    return torch.tensor(rows, dtype=torch.long)

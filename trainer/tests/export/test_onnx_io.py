@@ -8,31 +8,10 @@ from torch import nn
 
 from trainer import REPO_ROOT
 from trainer.export.onnx_io import export_text_encoder_onnx, export_vae_decoder_onnx
+from trainer.tests.small_models import CLIP_BOS, CLIP_EOS, clip_ids, tiny_clip_text_encoder
 from trainer.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
 from trainer.models.vae import AutoencoderKL, VAEConfig, VAEDecoderOnly
 
-EOS = 49407
-BOS = 49406
-
-
-def _tiny_text_encoder(**overrides) -> CLIPTextEncoder:
-    torch.manual_seed(0)
-    model = CLIPTextEncoder(TextEncoderConfig.tiny(vocab_size=49408, **overrides)).eval()
-    # Non-trivial LayerNorm affine parameters, so that a missed norm cannot go unnoticed.
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.LayerNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return model
-
-
-def _ids(*contents: list[int]) -> torch.Tensor:
-    rows = []
-    for content in contents:
-        row = [BOS] + content + [EOS]
-        rows.append(row + [EOS] * (77 - len(row)))
-    return torch.tensor(rows, dtype=torch.long)
 
 
 def _tiny_vae(**overrides) -> AutoencoderKL:
@@ -41,7 +20,7 @@ def _tiny_vae(**overrides) -> AutoencoderKL:
 
 
 def test_text_encoder_onnx_export():
-    model = _tiny_text_encoder()
+    model = tiny_clip_text_encoder()
     buf = io.BytesIO()
     export_text_encoder_onnx(model, buf)
     graph = onnx.load_from_string(buf.getvalue())
@@ -78,10 +57,10 @@ def test_text_encoder_graph_matches_torch_in_onnxruntime(tmp_path):
     repo = REPO_ROOT
     if shutil.which("node") is None or not os.path.isdir(os.path.join(repo, "node_modules", "onnxruntime-node")):
         pytest.skip("node with onnxruntime-node is not available")
-    model = _tiny_text_encoder(mask_padding=True)
+    model = tiny_clip_text_encoder(mask_padding=True)
     path = tmp_path / "text_encoder.onnx"
     export_text_encoder_onnx(model, str(path))
-    ids = _ids([320, 1125, 539], [736])
+    ids = clip_ids([320, 1125, 539], [736])
     (tmp_path / "ids.json").write_text(json.dumps(ids.tolist()))
     result = subprocess.run(
         ["node", "--input-type=module", "-e", TEXT_ENCODER_ORT_SCRIPT, str(path), str(tmp_path / "ids.json")],

@@ -2,30 +2,9 @@ import pytest
 import torch
 from torch import nn
 
+from trainer.tests.small_models import CLIP_BOS, CLIP_EOS, clip_ids, tiny_clip_text_encoder
 from trainer.models.text_encoder import CLIPTextEncoder, TextEncoderConfig, padding_mask_from_ids, quick_gelu
 
-EOS = 49407
-BOS = 49406
-
-
-def _tiny(**overrides) -> CLIPTextEncoder:
-    torch.manual_seed(0)
-    model = CLIPTextEncoder(TextEncoderConfig.tiny(vocab_size=49408, **overrides)).eval()
-    # Non-trivial LayerNorm affine parameters, so that a missed norm cannot go unnoticed.
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.LayerNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return model
-
-
-def _ids(*contents: list[int]) -> torch.Tensor:
-    rows = []
-    for content in contents:
-        row = [BOS] + content + [EOS]
-        rows.append(row + [EOS] * (77 - len(row)))
-    return torch.tensor(rows, dtype=torch.long)
 
 
 def _reference_forward(model: CLIPTextEncoder, input_ids: torch.Tensor):
@@ -48,7 +27,7 @@ def _reference_forward(model: CLIPTextEncoder, input_ids: torch.Tensor):
         h = h + mha(x, x, x, attn_mask=causal, need_weights=False)[0]
         h = h + layer.mlp.fc2(act(layer.mlp.fc1(layer.layer_norm2(h))))
     h = tm.final_layer_norm(h)
-    eos_pos = [row.tolist().index(EOS) for row in input_ids]
+    eos_pos = [row.tolist().index(CLIP_EOS) for row in input_ids]
     return h, h[torch.arange(len(eos_pos)), eos_pos]
 
 
@@ -74,8 +53,8 @@ def test_hf_clip_key_layout_and_sd15_size_on_meta():
 
 @pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
 def test_matches_independent_reference(act):
-    model = _tiny(hidden_act=act)
-    ids = _ids([320, 1125, 539, 320, 2368], [736, 7117])
+    model = tiny_clip_text_encoder(hidden_act=act)
+    ids = clip_ids([320, 1125, 539, 320, 2368], [736, 7117])
     with torch.no_grad():
         last, pooled = model(ids)
         ref_last, ref_pooled = _reference_forward(model, ids)
@@ -88,8 +67,8 @@ def test_matches_independent_reference(act):
 
 
 def test_causal_later_tokens_do_not_change_earlier_positions():
-    model = _tiny()
-    a = _ids([320, 1125, 539, 320, 2368])
+    model = tiny_clip_text_encoder()
+    a = clip_ids([320, 1125, 539, 320, 2368])
     b = a.clone()
     b[0, 4] = 999
     with torch.no_grad():
@@ -100,9 +79,9 @@ def test_causal_later_tokens_do_not_change_earlier_positions():
 
 
 def test_attention_mask_hides_padding_keys():
-    model = _tiny()
-    ids = _ids([320, 1125])
-    mask = padding_mask_from_ids(ids, EOS)
+    model = tiny_clip_text_encoder()
+    ids = clip_ids([320, 1125])
+    mask = padding_mask_from_ids(ids, CLIP_EOS)
     assert mask[0, :4].tolist() == [1, 1, 1, 1] and mask[0, 4:].sum() == 0
     altered = ids.clone()
     altered[0, 10] = 555  # a padding slot
@@ -121,23 +100,23 @@ def test_attention_mask_hides_padding_keys():
 
 
 def test_mask_padding_config_derives_mask_from_ids():
-    plain = _tiny()
-    auto = _tiny(mask_padding=True)
+    plain = tiny_clip_text_encoder()
+    auto = tiny_clip_text_encoder(mask_padding=True)
     auto.load_state_dict(plain.state_dict())
-    ids = _ids([320, 1125, 539])
+    ids = clip_ids([320, 1125, 539])
     with torch.no_grad():
-        expected, _ = plain(ids, attention_mask=padding_mask_from_ids(ids, EOS))
+        expected, _ = plain(ids, attention_mask=padding_mask_from_ids(ids, CLIP_EOS))
         got, _ = auto(ids)
     torch.testing.assert_close(got, expected)
 
 
 def test_loads_hf_state_dict_with_legacy_position_ids():
-    src = _tiny()
+    src = tiny_clip_text_encoder()
     sd = dict(src.state_dict())
     sd["text_model.embeddings.position_ids"] = torch.arange(77)[None]
     dst = CLIPTextEncoder(TextEncoderConfig.tiny(vocab_size=49408))
     dst.load_hf_state_dict(sd)
-    ids = _ids([320])
+    ids = clip_ids([320])
     with torch.no_grad():
         torch.testing.assert_close(dst.eval()(ids)[0], src(ids)[0])
 
