@@ -15,6 +15,56 @@ function lastContent(interaction: FakeInteraction): string {
   return interaction.original?.content ?? '';
 }
 
+interface HeldTimer {
+  fire(): void;
+  fired: boolean;
+  cleared: boolean;
+}
+
+/**
+ * Holds the queue's per-job timers instead of letting the clock run them. With JOB_TIMEOUT_SECONDS
+ * set to a time no test ever reaches, a job's timer is the one setTimeout with exactly that delay (the
+ * queue arms it when the job starts); it is kept here and fires only when the test fires it, so no job
+ * times out because the machine was slow. Every other timer runs as usual.
+ */
+class HeldJobTimers {
+  readonly armed: HeldTimer[] = [];
+  private readonly realSetTimeout = globalThis.setTimeout;
+  private readonly realClearTimeout = globalThis.clearTimeout;
+
+  constructor(delayMs: number) {
+    const realSetTimeout = this.realSetTimeout;
+    const realClearTimeout = this.realClearTimeout;
+    globalThis.setTimeout = ((callback: (...args: unknown[]) => void, ms?: number, ...args: unknown[]) => {
+      if (ms !== delayMs) return realSetTimeout(callback, ms, ...args);
+      const timer = {
+        fired: false,
+        cleared: false,
+        fire(): void {
+          if (timer.fired || timer.cleared) throw new Error('this job timer is no longer armed');
+          timer.fired = true;
+          callback(...args);
+        },
+        unref: () => timer,
+        ref: () => timer,
+        hasRef: () => false,
+      };
+      this.armed.push(timer);
+      return timer;
+    }) as unknown as typeof setTimeout;
+    globalThis.clearTimeout = ((timer: unknown) => {
+      const held = this.armed.find((t) => t === timer);
+      if (held) held.cleared = true;
+      else realClearTimeout(timer as Parameters<typeof clearTimeout>[0]);
+    }) as typeof clearTimeout;
+  }
+
+  restore(): void {
+    globalThis.setTimeout = this.realSetTimeout;
+    globalThis.clearTimeout = this.realClearTimeout;
+  }
+}
+
 test('per-user limit and queue cap refuse clearly; /queue shows positions; /cancel stops queued and running jobs', async () => {
   let gated!: GatedEngine;
   const h = await BotHarness.start({
@@ -68,24 +118,41 @@ test('per-user limit and queue cap refuse clearly; /queue shows positions; /canc
 });
 
 test('a job that exceeds JOB_TIMEOUT_SECONDS fails with a message and the queue goes on', async () => {
-  let gated!: GatedEngine;
-  const h = await BotHarness.start({
-    env: { JOB_TIMEOUT_SECONDS: '3', QUEUE_CONCURRENCY: '1' },
-    // The engine ignores the abort signal: the queue must not wait for it.
-    engine: async () => (gated = new GatedEngine(await createTestEngine(), { ignoreAbort: true })),
-  });
+  // The clock of the jobs' timeouts is the test's: the stuck job runs out of time when the test says
+  // so, and the next one (which draws for real) never does, however slow the machine.
+  const timeoutSeconds = 86_399;
+  const timers = new HeldJobTimers(timeoutSeconds * 1000);
   try {
-    const stuck = h.imagine(h.fake.user('patient'), { prompt: 'never ends' });
-    const next = h.imagine(h.fake.user('next'), { prompt: 'after the stuck one' });
-    await stuck.waitFor((i) => /took too long/.test(lastContent(i)), 15_000, 'timeout message');
-    const job = await h.job(stuck.originalMessageId!);
-    assert.equal(job?.status, 'failed');
-    assert.match(job?.error ?? '', /Timed out/);
-    await h.fake.waitFor(() => gated.requests.some((r) => r.prompt === 'after the stuck one'), 5000, 'next job started');
-    gated.open();
-    await h.result(next);
+    let gated!: GatedEngine;
+    const h = await BotHarness.start({
+      env: { JOB_TIMEOUT_SECONDS: String(timeoutSeconds), QUEUE_CONCURRENCY: '1' },
+      // The engine ignores the abort signal: the queue must not wait for it.
+      engine: async () => (gated = new GatedEngine(await createTestEngine(), { ignoreAbort: true })),
+    });
+    try {
+      const stuck = h.imagine(h.fake.user('patient'), { prompt: 'never ends' });
+      await h.fake.waitFor(() => gated.waiting === 1, 5000, 'the stuck job at the engine');
+      const next = h.imagine(h.fake.user('next'), { prompt: 'after the stuck one' });
+      await h.fake.waitFor(() => h.bot.jobs.queue.waitingCount === 1, 5000, 'the next job queued');
+      assert.equal(timers.armed.length, 1, 'one job running, one timer armed');
+      assert.deepEqual(gated.requests.map((r) => r.prompt), ['never ends'], 'the next job waits for the slot');
+
+      timers.armed[0].fire(); // the stuck job's time is up
+      await stuck.waitFor((i) => /took too long/.test(lastContent(i)), 10_000, 'timeout message');
+      const job = await h.job(stuck.originalMessageId!);
+      assert.equal(job?.status, 'failed');
+      assert.match(job?.error ?? '', /Timed out/);
+      await h.fake.waitFor(() => gated.requests.some((r) => r.prompt === 'after the stuck one'), 5000, 'next job started');
+      // The stuck engine call never returned (it ignores the abort): the slot was freed without it.
+      assert.equal(gated.waiting, 2, 'the stuck call still waits at the gate');
+      assert.equal(timers.armed.length, 2, 'the next job has its own timer');
+      gated.open();
+      await h.result(next);
+    } finally {
+      await h.close();
+    }
   } finally {
-    await h.close();
+    timers.restore();
   }
 });
 

@@ -7,6 +7,8 @@ import type { EngineClient, GenerateCallOptions, GenerateRequest, GenerateResult
 
 /** Generates for real, then holds the result until the test lets it go: the job keeps its slot till then. */
 class HeldResultEngine implements EngineClient {
+  /** Prompts of every generate() call, in order. */
+  readonly prompts: string[] = [];
   private release!: () => void;
   private readonly held = new Promise<void>((resolve) => (this.release = resolve));
   constructor(readonly base: EngineClient) {}
@@ -14,6 +16,7 @@ class HeldResultEngine implements EngineClient {
     return this.base.info();
   }
   async generate(request: GenerateRequest, options?: GenerateCallOptions): Promise<GenerateResult> {
+    this.prompts.push(request.prompt);
     const result = await this.base.generate(request, options);
     await this.held;
     return result;
@@ -32,7 +35,13 @@ function percentile(values: number[], p: number): number {
   return sorted[Math.min(sorted.length - 1, Math.ceil((p / 100) * sorted.length) - 1)];
 }
 
-test('50 concurrent /imagine are all acknowledged within 3 s while a generation runs', async () => {
+// The one test of Discord's 3 s acknowledgement window. How many milliseconds an acknowledgement
+// takes depends on the machine, so it is proven by the order of events instead: every /imagine is
+// deferred while the engine is held by another job and before its own job reaches the engine, so no
+// acknowledgement waits for a generation (the slow work) or for the queue; what is left before it is
+// the bot's own handling of the command. (The fake enforces no window unless given ackWindowMs; the
+// latencies are printed, not compared.)
+test('50 concurrent /imagine are all deferred before any generation work, while a generation holds the engine', async () => {
   let engine!: HeldResultEngine;
   const h = await BotHarness.start({ engine: async () => (engine = new HeldResultEngine(await createTestEngine())) });
   try {
@@ -40,16 +49,18 @@ test('50 concurrent /imagine are all acknowledged within 3 s while a generation 
     await h.fake.waitFor(() => h.bot.jobs.queue.runningCount === 1, 5000, 'a generation running');
     const burst = Array.from({ length: 50 }, (_, i) => h.imagine(h.fake.user(`user${i}`), { prompt: `picture number ${i}` }));
     await h.fake.waitFor(() => burst.every((i) => i.acknowledged), 10_000, 'all acknowledgements');
-    // The first job keeps its slot until it is let go below (it draws for real meanwhile), so every
-    // acknowledgement went out while the engine was busy: they never wait for a generation.
+    // The first job keeps its slot, its generate() call unreturned, until it is let go below (it draws
+    // for real meanwhile), and no job of the burst can start before that. So what holds now held when
+    // each acknowledgement arrived: the engine was busy and no job of the burst had reached it; none
+    // waited for a generation or for the queue.
+    assert.deepEqual(engine.prompts, ['a long one'], 'no job of the burst reached the engine');
     assert.equal(h.bot.jobs.queue.runningCount, 1, 'the engine was busy throughout');
     assert.equal(h.bot.jobs.queue.waitingCount, 50);
-    // The fake accepts an acknowledgement only within Discord's 3 s window (else 10062), so
-    // acknowledged means acknowledged in time; the latencies are printed, not compared.
-    assert.ok(burst.every((i) => i.acks[0].type === 5), 'all deferred (accepted), none refused');
+    assert.ok(burst.every((i) => i.acks[0].type === 5), 'all deferred (type 5), not answered later with the result');
     const latencies = burst.map((i) => i.ackLatencyMs!);
     console.log(`# ack latency p50 ${percentile(latencies, 50)} ms, p99 ${percentile(latencies, 99)} ms`);
-    assert.ok(first.acknowledged);
+    // The first job too was deferred before its generation returned.
+    assert.equal(first.acks[0]?.type, 5);
     engine.letGo();
   } finally {
     await h.close();
@@ -65,7 +76,7 @@ test('429 and 500 answers from Discord are survived', async () => {
     h.fake.failRequests({ method: 'PATCH', path: /^\/webhooks\//, status: 429, times: 3, retryAfter: 0.05 });
     const limited = h.imagine(user, { prompt: 'rate limited', seed: 5 });
     const limitedResult = await h.result(limited);
-    // Acknowledged despite the 429s, within the 3 s window (the fake refuses later acknowledgements).
+    // Acknowledged (deferred) despite the 429s on the acknowledgement itself.
     assert.equal(limited.acks[0].type, 5);
     assert.equal(pngParameters(limitedResult.attachments[0].data).seed, 5);
     assert.ok(h.fake.requests.filter((r) => r.status === 429).length >= 5);
@@ -113,6 +124,12 @@ test('a result that arrives after the interaction token expired (50027) is poste
     assert.equal(posted.replyTo, interaction.originalMessageId);
     assert.equal(pngParameters(posted.attachments[0].data).seed, 88);
     assert.ok(h.fake.requests.some((r) => r.status === 401 && r.path.includes(interaction.token)));
+    // The result message shows up before the bot records the job as done: it does that when delivery
+    // is over, which on the channel route includes deleting the status message it had moved there. A
+    // Reroll pressed in between is refused ("has not finished") and gives no result, so wait for it.
+    const job = await h.job(posted.id);
+    assert.equal(job.status, 'done');
+    assert.equal(job.reply.type, 'channel');
 
     // Buttons on that channel message work like on any result.
     const reroll = h.fake.buttonsOf(posted).find((b) => b.label === 'Reroll')!;
