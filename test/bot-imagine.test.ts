@@ -78,7 +78,7 @@ test('/imagine is deferred at once, shows its queue position and progress, and e
   }
   const message = await h.result(interaction);
 
-  // The fake accepts an acknowledgement only within Discord's 3 s window, so this is an acknowledgement in time.
+  // (the 3 s window itself is proven by order in bot-resilience's burst test, not by a clock)
   assert.equal(interaction.acks[0].type, 5, 'first response is a deferred reply');
   const texts = message.history.map((state) => state.content);
   assert.ok(texts.findIndex((t) => /starting/.test(t)) < texts.findIndex((t) => /step \d+\/24/.test(t)), `status shown before progress: ${texts.join(' | ')}`);
@@ -138,7 +138,7 @@ test('autocomplete answers model suggestions from memory', async () => {
   for (const e of h.info.ensembles) assert.ok(values.includes(e.id));
   for (const e of h.info.experts) assert.ok(values.includes(e.id));
   assert.ok(choices.length <= 25);
-  // Answered at all means answered within the 3 s window: the fake refuses later answers (10062).
+  // Autocomplete answers come from memory (they cannot be deferred); the test asserts what they offer.
 
   const [first, second] = h.info.experts;
   const combo = h.fake.autocomplete('imagine', { prompt: 'x', model: `${first.id}+` }, 'model', { user: carol });

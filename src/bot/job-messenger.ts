@@ -238,7 +238,9 @@ export class JobMessenger {
     })) as { id: string };
     this.rememberStatusMessage(sent.id);
     if (previousStatus) {
-      await this.options.rest
+      // not awaited: the job counts as delivered once its result is posted, so a button pressed on the
+      // new message never finds it unfinished while the old status message is being removed
+      void this.options.rest
         .delete(Routes.channelMessage(this.job.channelId, previousStatus))
         .catch((error: unknown) => this.options.logger.debug({ job: this.job.id, err: error }, 'could not remove the status message'));
     }
