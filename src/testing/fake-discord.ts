@@ -1,3 +1,4 @@
+// Over 500 lines on purpose: one server that plays Discord (gateway, REST routes, interactions, failures) for the tests and bench:bot.
 // A fake Discord for the bot's end-to-end tests and bench:bot, with the real discord.js client: the gateway
 // (WebSocket on /gateway, found through GET /api/v10/gateway/bot) and the REST routes the bot uses,
 // on 127.0.0.1. It keeps messages and interactions like Discord does, enforces the interaction token's
