@@ -1,13 +1,16 @@
 // The bot end to end through the fake Discord with QUEUE_BACKEND=redis: it loads no model, a GPU worker
 // (in this process: WorkerHost on the engine thread) draws, progress and results come back through
 // Redis; /cancel reaches the worker; a bot restart with queued jobs loses none and runs none twice.
+// Jobs wait at the GatedEngine's gate or at a StepHold while the test looks, never on a clock (issue 13).
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { RemoteEngineClient } from '../src/distributed/remote-engine.ts';
 import { WorkerHost } from '../src/distributed/worker-host.ts';
-import { startEngineThread } from '../src/engine-host/engine-thread.ts';
+import { EngineThread } from '../src/engine-host/engine-thread.ts';
+import { StepHold } from '../src/engine-host/step-hold.ts';
+import type { EngineClient, GenerateCallOptions, GenerateRequest, GenerateResult, PackageInfo } from '../src/engine/api.ts';
 import { BotHarness, FIXTURE_PACKAGE, pngParameters } from './support/bot-harness.ts';
-import { GatedEngine, SlowMotionEngine } from './support/engine-wrappers.ts';
+import { GatedEngine } from './support/engine-wrappers.ts';
 import type { FakeInteraction } from '../src/testing/fake-discord.ts';
 import { startRedis, type TestRedis } from '../src/testing/redis-server.ts';
 
@@ -34,10 +37,37 @@ class CapturingLogger {
   }
 }
 
+/** The engine thread; the test can have the next job stop after one of its steps (a StepHold) until it releases it. */
+class HoldingEngine implements EngineClient {
+  private next: StepHold | undefined;
+
+  constructor(private readonly thread: EngineThread) {}
+
+  /** Holds the next generate() call after `step`. */
+  holdNext(step: number): StepHold {
+    return (this.next = new StepHold(step));
+  }
+
+  info(): Promise<PackageInfo> {
+    return this.thread.info();
+  }
+
+  generate(request: GenerateRequest, options: GenerateCallOptions = {}): Promise<GenerateResult> {
+    const hold = this.next;
+    this.next = undefined;
+    return this.thread.generate(request, { ...options, hold });
+  }
+
+  dispose(): Promise<void> {
+    return this.thread.dispose();
+  }
+}
+
 const lastContent = (i: FakeInteraction): string => i.original?.content ?? '';
 
 describe('the bot with QUEUE_BACKEND=redis', () => {
   let redis: TestRedis;
+  let holding: HoldingEngine;
   let engine: GatedEngine;
   let worker: WorkerHost;
   const log = new CapturingLogger();
@@ -48,9 +78,10 @@ describe('the bot with QUEUE_BACKEND=redis', () => {
 
   before(async () => {
     redis = await startRedis();
-    // Progress at a steady pace (40 ms a step), so that progress edits with previews happen whatever this machine's speed.
-    engine = new GatedEngine(new SlowMotionEngine(await startEngineThread({ modelDir: FIXTURE_PACKAGE }), 40), { open: true });
-    worker = await WorkerHost.start({ redisUrl: redis.url, engine, workerId: 'gpu0', logger: log, timings: { heartbeatMs: 500 } });
+    holding = new HoldingEngine(await EngineThread.start({ modelDir: FIXTURE_PACKAGE }));
+    engine = new GatedEngine(holding, { open: true });
+    // The advert is written at each change of state; a slow beat cannot let it lapse on a busy machine.
+    worker = await WorkerHost.start({ redisUrl: redis.url, engine, workerId: 'gpu0', logger: log, timings: { heartbeatMs: 60_000 } });
   });
 
   after(async () => {
@@ -61,19 +92,28 @@ describe('the bot with QUEUE_BACKEND=redis', () => {
 
   test('/imagine: queue position, progress with previews and the PNG come through the GPU worker', async () => {
     const h = await BotHarness.start({ env: env(), engine: noEmbeddedEngine });
+    let hold: StepHold | undefined;
     try {
       assert.ok(h.bot.engine instanceof RemoteEngineClient);
       assert.equal(`${h.info.name}@${h.info.version}`, 'tiny@1.0.0');
       engine.close();
       const [ann, bob] = [h.fake.user('ann'), h.fake.user('bob')];
       const first = h.imagine(ann, { prompt: 'a blue square at the top', seed: 42, steps: 30 });
-      await h.fake.waitFor(() => engine.waiting === 1, 10_000, 'the first job at the worker');
+      await h.fake.waitFor(() => engine.waiting === 1, 20_000, 'the first job at the worker');
       const second = h.imagine(bob, { prompt: 'a red circle', seed: 43, model: 'duo', contributions: true });
-      await second.waitFor((i) => /position 1/.test(lastContent(i)), 10_000, 'the second job queued');
+      await second.waitFor((i) => /position 1/.test(lastContent(i)), 20_000, 'the second job queued');
       const queueView = h.fake.slash('queue', {}, { user: bob });
-      await queueView.waitFor((i) => /GPU worker/.test(i.replyContent ?? ''), 10_000, '/queue lists the workers');
+      await queueView.waitFor((i) => /GPU worker/.test(i.replyContent ?? ''), 20_000, '/queue lists the workers');
       assert.match(queueView.replyContent ?? '', /1 GPU worker for tiny@1\.0\.0, 1 busy/);
+      // The first job stops after step 6 (one with a preview: every 6th of 30) until the bot has shown that step.
+      hold = holding.holdNext(6);
       engine.open();
+      await first.waitFor(
+        (i) => i.edits.some((e) => /step 6\/30/.test(String(e.body.content ?? '')) && e.files.some((f) => /preview/.test(f))),
+        20_000,
+        'the progress edit of the step the job is held at, with its preview',
+      );
+      hold.release();
 
       const [one, two] = await Promise.all([h.result(first, 30_000), h.result(second, 30_000)]);
       assert.equal(pngParameters(one.attachments[0].data).seed, 42);
@@ -87,6 +127,7 @@ describe('the bot with QUEUE_BACKEND=redis', () => {
       const jobs = await Promise.all([h.job(one.id), h.job(two.id)]);
       assert.deepEqual(jobs.map((j) => j.status), ['done', 'done']);
     } finally {
+      hold?.release();
       engine.open();
       await h.close();
     }
@@ -99,12 +140,12 @@ describe('the bot with QUEUE_BACKEND=redis', () => {
       const completedBefore = log.jobs('job completed').length;
       const cat = h.fake.user('cat');
       const running = h.imagine(cat, { prompt: 'never finished' });
-      await h.fake.waitFor(() => engine.waiting === 1, 10_000, 'the job at the worker');
+      await h.fake.waitFor(() => engine.waiting === 1, 20_000, 'the job at the worker');
       const cancelledBefore = log.jobs('job cancelled').length;
       const reply = h.fake.slash('cancel', {}, { user: cat });
-      await reply.waitFor((i) => /Stopping/.test(i.replyContent ?? ''), 5000, 'the cancel reply');
-      await running.waitFor((i) => /Cancelled/.test(lastContent(i)), 10_000, 'the cancelled message');
-      await h.fake.waitFor(() => log.jobs('job cancelled').length > cancelledBefore, 10_000, 'the worker to stop the job');
+      await reply.waitFor((i) => /Stopping/.test(i.replyContent ?? ''), 20_000, 'the cancel reply');
+      await running.waitFor((i) => /Cancelled/.test(lastContent(i)), 20_000, 'the cancelled message');
+      await h.fake.waitFor(() => log.jobs('job cancelled').length > cancelledBefore, 20_000, 'the worker to stop the job');
       assert.equal(engine.waiting, 0);
       assert.equal(log.jobs('job completed').length, completedBefore, 'it never completed');
     } finally {
@@ -120,15 +161,15 @@ describe('the bot with QUEUE_BACKEND=redis', () => {
       const completedBefore = log.jobs('job completed').length;
       const users = ['dan', 'eve', 'fay', 'gus'].map((name) => h.fake.user(name));
       const interactions = users.map((user, i) => h.imagine(user, { prompt: `through a restart ${i}`, seed: 200 + i }));
-      await h.fake.waitFor(() => engine.waiting === 1, 10_000, 'the first job at the worker');
-      await interactions[3].waitFor((i) => /position 3/.test(lastContent(i)), 10_000, 'the last job queued');
+      await h.fake.waitFor(() => engine.waiting === 1, 20_000, 'the first job at the worker');
+      await interactions[3].waitFor((i) => /position 3/.test(lastContent(i)), 20_000, 'the last job queued');
 
       const cancelledBefore = log.jobs('job cancelled').length;
       await h.restart();
       // The interrupted job was withdrawn from the worker, and is dispatched again by the new bot.
-      await h.fake.waitFor(() => log.jobs('job cancelled').length > cancelledBefore, 10_000, 'the old run withdrawn');
-      await h.fake.waitFor(() => engine.waiting === 1 && engine.requests.at(-1)?.prompt === 'through a restart 0', 10_000, 'the first job again');
-      await interactions[3].waitFor((i) => /restarted.*position 3/.test(lastContent(i)), 10_000, 'the restart notice');
+      await h.fake.waitFor(() => log.jobs('job cancelled').length > cancelledBefore, 20_000, 'the old run withdrawn');
+      await h.fake.waitFor(() => engine.waiting === 1 && engine.requests.at(-1)?.prompt === 'through a restart 0', 20_000, 'the first job again');
+      await interactions[3].waitFor((i) => /restarted.*position 3/.test(lastContent(i)), 20_000, 'the restart notice');
       engine.open();
 
       const results = await Promise.all(interactions.map((i) => h.result(i, 30_000)));

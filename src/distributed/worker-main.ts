@@ -4,8 +4,9 @@
 // mid-job, the worker exits too (status 70) and leaves the job to another worker.
 import { config as loadDotenv } from 'dotenv';
 import type { EngineClient } from '../engine/api.ts';
-import { startEngineThread } from '../engine-host/engine-thread.ts';
+import { EngineThread } from '../engine-host/engine-thread.ts';
 import { createLogger } from '../log/logger.ts';
+import { holdingForTests, testHoldStep } from './test-hold.ts';
 import { loadWorkerConfig, WorkerConfigError, type WorkerConfig } from './worker-config.ts';
 import { advertiseUnhealthy, WorkerHost } from './worker-host.ts';
 
@@ -37,9 +38,9 @@ async function main(): Promise<void> {
   const logger = createLogger({ level: config.logLevel, secrets: redisPassword(config.redisUrl) });
   process.on('unhandledRejection', (reason) => logger.error({ err: reason }, 'unhandled rejection'));
 
-  let engine: EngineClient;
+  let thread: EngineThread;
   try {
-    engine = await startEngineThread({
+    thread = await EngineThread.start({
       modelDir: config.modelDir,
       executionProvider: config.executionProvider,
       threads: config.threads,
@@ -51,6 +52,9 @@ async function main(): Promise<void> {
     await withTimeout(advertiseUnhealthy(config.redisUrl, config.workerId, problem, logger), 10_000).catch(() => undefined);
     process.exit(1);
   }
+  // test seam (test/distributed.test.ts only): holds marked jobs at a step until SIGUSR2; see test-hold.ts
+  const holdStep = testHoldStep(process.env);
+  const engine: EngineClient = holdStep === undefined ? thread : holdingForTests(thread, holdStep, logger);
 
   const host = await WorkerHost.start({
     redisUrl: config.redisUrl,
