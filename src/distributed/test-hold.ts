@@ -1,7 +1,7 @@
 // A test seam of `npm run worker`, for test/distributed.test.ts only. That test runs workers as child
 // processes, where a StepHold (src/engine-host/step-hold.ts) created by the test cannot reach, yet it
 // must act (SIGKILL a worker, cancel a job, restart Redis) while a job is certainly running, without
-// racing the engine (issue 13: no test may depend on timing). With WORKER_TEST_HOLD_STEP=N in the
+// racing the engine (no test may depend on timing). With WORKER_TEST_HOLD_STEP=N in the
 // worker's environment, every run of a job whose prompt starts with HOLD_PROMPT_PREFIX stops on the
 // engine thread right after step N, the worker logs 'job held', and the job goes on when the process
 // gets SIGUSR2 (or is cancelled). Without the variable, which production never sets, nothing changes.
