@@ -1,6 +1,7 @@
 // Turns /imagine options into an engine GenerateRequest, or a short explanation of what is wrong.
 import { randomInt } from 'node:crypto';
 import { MODES, SCHEDULER_NAMES, type GenerateRequest, type Mode, type PackageInfo, type SchedulerName } from '../engine/api.ts';
+import { isSizeChoice, sizeFor, SIZE_VALUES } from './image-size.ts';
 import { resolveModelChoice, type ModelSelection } from './model-choice.ts';
 
 export const LIMITS = {
@@ -26,6 +27,8 @@ export interface ImagineOptions {
   scheduler?: string | null;
   count?: number | null;
   contributions?: boolean | null;
+  /** A shape from SIZE_CHOICES (square, portrait, …), mapped to a size the package allows. */
+  size?: string | null;
 }
 
 export type ImagineRequestResult =
@@ -48,6 +51,15 @@ export function findBlockedWord(text: string, blockedWords: readonly string[]): 
   });
 }
 
+/** Why a request may not run with these blocked words (its prompt or negative prompt has one), if so. */
+export function blockedWordProblem(request: Pick<GenerateRequest, 'prompt' | 'negative'>, blockedWords: readonly string[]): string | undefined {
+  const inPrompt = findBlockedWord(request.prompt, blockedWords);
+  if (inPrompt !== undefined) return `The prompt contains a word that is not allowed here ("${inPrompt}").`;
+  const inNegative = request.negative ? findBlockedWord(request.negative, blockedWords) : undefined;
+  if (inNegative !== undefined) return `The negative prompt contains a word that is not allowed here ("${inNegative}").`;
+  return undefined;
+}
+
 function outOfRange(name: string, value: number, min: number, max: number, integer: boolean): string | undefined {
   if (!Number.isFinite(value) || (integer && !Number.isInteger(value)) || value < min || value > max) {
     return `${name} must be ${integer ? 'a whole number' : 'a number'} from ${min} to ${max} (got ${value}).`;
@@ -65,12 +77,12 @@ export function buildImagineRequest(
   if (prompt.length > LIMITS.promptMaxLength) {
     return { ok: false, message: `The prompt is too long (${prompt.length} characters; at most ${LIMITS.promptMaxLength}).` };
   }
-  const blocked = findBlockedWord(prompt, settings.blockedWords);
-  if (blocked !== undefined) return { ok: false, message: `The prompt contains a word that is not allowed here ("${blocked}").` };
   const negative = (options.negative ?? '').trim();
   if (negative.length > LIMITS.negativeMaxLength) {
     return { ok: false, message: `The negative prompt is too long (${negative.length} characters; at most ${LIMITS.negativeMaxLength}).` };
   }
+  const blocked = blockedWordProblem({ prompt, negative }, settings.blockedWords);
+  if (blocked !== undefined) return { ok: false, message: blocked };
 
   let mode: Mode | undefined;
   if (options.mode !== undefined && options.mode !== null) {
@@ -85,6 +97,13 @@ export function buildImagineRequest(
       return { ok: false, message: `Unknown scheduler "${options.scheduler}"; choose one of ${SCHEDULER_NAMES.join(', ')}.` };
     }
     scheduler = options.scheduler as SchedulerName;
+  }
+  let size: { width: number; height: number } | undefined;
+  if (options.size !== undefined && options.size !== null) {
+    if (!isSizeChoice(options.size)) {
+      return { ok: false, message: `Unknown size "${options.size}"; choose one of ${SIZE_VALUES.join(', ')}.` };
+    }
+    size = sizeFor(options.size, info);
   }
   const numberChecks: [string, number | null | undefined, number, number, boolean][] = [
     ['seed', options.seed, 0, LIMITS.maxSeed, true],
@@ -118,6 +137,7 @@ export function buildImagineRequest(
     ...(options.steps != null ? { steps: options.steps } : {}),
     ...(options.guidance != null ? { guidance: options.guidance } : {}),
     ...(scheduler !== undefined ? { scheduler } : {}),
+    ...(size !== undefined ? { width: size.width, height: size.height } : {}),
     count: options.count ?? 1,
     ...(options.contributions ? { contributions: true } : {}),
   };

@@ -4,6 +4,7 @@ import type { GenerateRequest, PackageInfo, ResolvedParams } from '../engine/api
 import { MODE_LABELS, schedulerLabel } from '../engine/labels.ts';
 import type { JobKind, JobRecord } from '../store/job-store.ts';
 import { buttonId } from './custom-ids.ts';
+import { describeSize } from './image-size.ts';
 
 export interface OutgoingFile {
   name: string;
@@ -136,6 +137,7 @@ export function resultEmbed(
       { name: 'Guidance', value: String(params.guidance), inline: true },
       { name: 'Scheduler', value: schedulerLabel(params.scheduler, params.karras), inline: true },
       { name: 'Mode', value: MODE_LABELS[params.mode]?.title ?? params.mode, inline: true },
+      { name: 'Size', value: describeSize(params.width, params.height, info), inline: true },
       { name: 'Time', value: formatSeconds(details.elapsedMs), inline: true },
       { name: 'Models', value: clip(describeModels(params, info), 1024), inline: false },
     )

@@ -2,6 +2,7 @@ import { MessageFlags, InteractionContextType, SlashCommandBuilder, type Autocom
 import { MODES, SCHEDULER_NAMES } from '../../engine/api.ts';
 import { modeChoice, SCHEDULER_LABELS } from '../../engine/labels.ts';
 import { channelAllowed, channelRefusal, type BotContext, type SlashCommand } from '../context.ts';
+import { SIZE_CHOICES } from '../image-size.ts';
 import { buildImagineRequest, LIMITS } from '../imagine-request.ts';
 import { modelSuggestions } from '../model-choice.ts';
 import { interactionRoute, newJobId } from '../new-job.ts';
@@ -35,6 +36,12 @@ const data = new SlashCommandBuilder()
       .setDescription('Sampler')
       .addChoices(...SCHEDULER_NAMES.map((name) => ({ name: SCHEDULER_LABELS[name], value: name }))),
   )
+  .addStringOption((o) =>
+    o
+      .setName('size')
+      .setDescription('Shape of the picture (default: the model’s own size)')
+      .addChoices(...SIZE_CHOICES.map((choice) => ({ name: choice.name, value: choice.value }))),
+  )
   .addIntegerOption((o) => o.setName('count').setDescription('Pictures at once (a grid)').setMinValue(LIMITS.minCount).setMaxValue(LIMITS.maxCount))
   .addBooleanOption((o) => o.setName('contributions').setDescription('Also show which model drew which part'));
 
@@ -57,6 +64,7 @@ async function execute(interaction: ChatInputCommandInteraction, ctx: BotContext
       scheduler: options.getString('scheduler'),
       count: options.getInteger('count'),
       contributions: options.getBoolean('contributions'),
+      size: options.getString('size'),
     },
     ctx.info,
     { blockedWords: ctx.config.blockedWords },
