@@ -7,6 +7,7 @@ import { RemoteEngineClient } from '../distributed/remote-engine.ts';
 import { packageId } from '../distributed/names.ts';
 import { describeWorkers } from '../distributed/worker-summary.ts';
 import { JobStore } from '../store/job-store.ts';
+import { UserSettingsStore } from '../store/user-settings-store.ts';
 import { createLogger, type Logger } from '../log/logger.ts';
 import { commands } from './commands/index.ts';
 import { createDiscordClient } from './client.ts';
@@ -34,6 +35,7 @@ export interface RunningBot {
   client: Client;
   jobs: JobService;
   store: JobStore;
+  settings: UserSettingsStore;
   engine: EngineClient;
   info: PackageInfo;
   logger: Logger;
@@ -46,7 +48,9 @@ export const JOB_DATABASE_FILE = 'jobs.sqlite';
 export async function startBot(options: BotOptions): Promise<RunningBot> {
   const { config } = options;
   const logger = options.logger ?? createLogger({ level: config.logLevel, secrets: [config.discordToken] });
+  // One database for jobs and settings (migrated to the current schema when opened).
   const store = new JobStore(path.join(config.dataDir, JOB_DATABASE_FILE));
+  const settings = new UserSettingsStore(store.db);
   let engine: EngineClient | undefined;
   let client: Client | undefined;
   try {
@@ -68,6 +72,7 @@ export async function startBot(options: BotOptions): Promise<RunningBot> {
       info,
       jobs,
       store,
+      settings,
       logger,
       describeWorkers: remote && (async () => describeWorkers(await remote.workers(), packageId(info))),
     };
@@ -95,6 +100,7 @@ export async function startBot(options: BotOptions): Promise<RunningBot> {
       client: discord,
       jobs,
       store,
+      settings,
       engine,
       info,
       logger,

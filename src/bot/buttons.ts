@@ -21,7 +21,9 @@ export async function handleButton(interaction: ButtonInteraction, ctx: BotConte
     }
     await interaction.deferUpdate();
     try {
-      await interaction.message.delete();
+      // An ephemeral (private) result is the interaction's to delete; a channel message is the channel's.
+      if (interaction.message.flags.has(MessageFlags.Ephemeral)) await interaction.deleteReply();
+      else await interaction.message.delete();
       ctx.store.markDeleted(job.id);
     } catch (error) {
       ctx.logger.warn({ job: job.id, err: error }, 'could not delete a result');
@@ -40,7 +42,9 @@ export async function handleButton(interaction: ButtonInteraction, ctx: BotConte
 
   const kind: JobKind = parsed.action === 'reroll' ? 'reroll' : parsed.action;
   const request = parsed.action === 'reroll' ? { ...job.request, seed: randomSeed() } : job.request;
-  const ack = interaction.deferReply();
+  // Private when the presser's /settings say so, or when the button is on a private result.
+  const privately = ctx.settings.get(interaction.user.id).visibility === 'private' || interaction.message.flags.has(MessageFlags.Ephemeral);
+  const ack = interaction.deferReply(privately ? { flags: MessageFlags.Ephemeral } : {});
   const submitted = ctx.jobs.submit(
     {
       id: newJobId(),
@@ -49,7 +53,7 @@ export async function handleButton(interaction: ButtonInteraction, ctx: BotConte
       guildId: interaction.guildId,
       channelId: interaction.channelId,
       request,
-      reply: interactionRoute(interaction),
+      reply: interactionRoute(interaction, { ephemeral: privately }),
       parentJobId: job.id,
       replyToMessageId: interaction.message.id,
     },

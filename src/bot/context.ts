@@ -1,6 +1,7 @@
 import type { AutocompleteInteraction, ChatInputCommandInteraction, RESTPostAPIChatInputApplicationCommandsJSONBody } from 'discord.js';
 import type { PackageInfo } from '../engine/api.ts';
 import type { JobStore } from '../store/job-store.ts';
+import type { UserSettingsStore } from '../store/user-settings-store.ts';
 import type { Logger } from '../log/logger.ts';
 import type { BotConfig } from './config.ts';
 import type { JobService } from './job-service.ts';
@@ -11,6 +12,8 @@ export interface BotContext {
   info: PackageInfo;
   jobs: JobService;
   store: JobStore;
+  /** Each user's /imagine defaults (/settings). */
+  settings: UserSettingsStore;
   logger: Logger;
   /** Distributed mode: a few lines describing the GPU workers (for /queue). */
   describeWorkers?: () => Promise<string>;

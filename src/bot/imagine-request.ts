@@ -70,7 +70,11 @@ function outOfRange(name: string, value: number, min: number, max: number, integ
 export function buildImagineRequest(
   options: ImagineOptions,
   info: PackageInfo,
-  settings: { blockedWords: readonly string[] },
+  settings: {
+    blockedWords: readonly string[];
+    /** Contributions when the chosen models can show them and `contributions` is not set (a /settings default). */
+    preferContributions?: boolean;
+  },
 ): ImagineRequestResult {
   const prompt = (options.prompt ?? '').trim();
   if (prompt === '') return { ok: false, message: 'The prompt is empty: describe what to draw.' };
@@ -120,7 +124,9 @@ export function buildImagineRequest(
   const choice = resolveModelChoice(options.model, mode, info);
   if (!choice.ok) return choice;
   const { selection } = choice;
-  if (options.contributions && selection.mode !== 'afa' && selection.mode !== 'average') {
+  const canMap = selection.mode === 'afa' || selection.mode === 'average';
+  const contributions = options.contributions ?? (settings.preferContributions === true && canMap);
+  if (contributions && !canMap) {
     return {
       ok: false,
       message: `Contributions show how several models share the image; they need mode afa or average, not ${selection.mode}.`,
@@ -139,7 +145,7 @@ export function buildImagineRequest(
     ...(scheduler !== undefined ? { scheduler } : {}),
     ...(size !== undefined ? { width: size.width, height: size.height } : {}),
     count: options.count ?? 1,
-    ...(options.contributions ? { contributions: true } : {}),
+    ...(contributions ? { contributions: true } : {}),
   };
   return { ok: true, request, selection };
 }

@@ -1,7 +1,8 @@
 // Sends one job's messages wherever they can still go: edits of the interaction's original response
 // while its token lives, channel messages after that (token older than 15 min, error 50027, the
 // response deleted) or when Discord keeps failing. Final results are retried and never dropped
-// silently; progress edits are best effort.
+// silently; progress edits are best effort. A private (ephemeral) job never moves to the channel:
+// when its interaction can no longer be used, its messages are not delivered (UndeliverableError).
 import { DiscordAPIError, HTTPError, MessageFlags, Routes, type REST } from 'discord.js';
 import type { JobRecord, JobStore } from '../store/job-store.ts';
 import type { Logger } from '../log/logger.ts';
@@ -14,7 +15,16 @@ const TOKEN_SAFETY_MARGIN_MS = 30 * 1000;
 
 export type DeliveryFailure = 'token_expired' | 'message_gone' | 'too_large' | 'transient' | 'fatal';
 
+/** A private job's interaction can no longer be used, and its messages must not go to the channel. */
+export class UndeliverableError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'UndeliverableError';
+  }
+}
+
 export function classifyDiscordError(error: unknown): DeliveryFailure {
+  if (error instanceof UndeliverableError) return 'fatal';
   if (error instanceof DiscordAPIError) {
     if (error.code === 50027 || error.code === 10015 || error.status === 401) return 'token_expired';
     if (error.code === 10008) return 'message_gone';
@@ -82,6 +92,11 @@ export class JobMessenger {
     return this.job.reply.type === 'interaction';
   }
 
+  /** Ephemeral responses only the requester sees (never moved to the channel). */
+  get isPrivate(): boolean {
+    return this.job.reply.type === 'interaction' && this.job.reply.ephemeral === true;
+  }
+
   /** A progress or queue update: one try (plus a move to the channel if the token is gone); failures are dropped. */
   async update(message: OutgoingMessage): Promise<void> {
     for (let attempt = 0; attempt < 2; attempt++) {
@@ -90,10 +105,7 @@ export class JobMessenger {
         return;
       } catch (error) {
         const kind = classifyDiscordError(error);
-        if ((kind === 'token_expired' || kind === 'message_gone') && attempt === 0) {
-          this.moveToChannel(kind);
-          continue;
-        }
+        if ((kind === 'token_expired' || kind === 'message_gone') && attempt === 0 && this.moveToChannel(kind)) continue;
         this.options.logger.debug({ job: this.job.id, kind, err: error }, 'status update dropped');
         return;
       }
@@ -116,7 +128,7 @@ export class JobMessenger {
         const kind = classifyDiscordError(error);
         this.options.logger.warn({ job: this.job.id, kind, err: error }, 'delivering a result failed');
         if (kind === 'token_expired' || kind === 'message_gone') {
-          this.moveToChannel(kind);
+          if (!this.moveToChannel(kind)) break;
           failuresOnRoute = 0;
         } else if (kind === 'too_large' && (current.files?.length ?? 0) > 0) {
           current = {
@@ -129,8 +141,7 @@ export class JobMessenger {
           failuresOnRoute++;
           if (failuresOnRoute < this.attemptsPerRoute) {
             await sleep(this.retryDelayMs * 2 ** (failuresOnRoute - 1));
-          } else if (this.usesInteraction) {
-            this.moveToChannel('transient');
+          } else if (this.usesInteraction && this.moveToChannel('transient')) {
             failuresOnRoute = 0;
           } else {
             break;
@@ -186,16 +197,22 @@ export class JobMessenger {
     return reply.type === 'interaction' && Date.now() - reply.tokenIssuedAt > this.tokenLifetimeMs - margin;
   }
 
-  private moveToChannel(why: string): void {
+  /** Returns false for a private job, which stays on its interaction. */
+  private moveToChannel(why: string): boolean {
     if (this.job.reply.type === 'channel') {
       if (why === 'message_gone') this.forgetStatusMessage();
-      return;
+      return true;
+    }
+    if (this.isPrivate) {
+      this.options.logger.info({ job: this.job.id, why }, 'a private job cannot continue in the channel; its messages are not delivered');
+      return false;
     }
     this.options.logger.info({ job: this.job.id, why }, 'continuing with channel messages');
     // The interaction's response cannot be edited any more: new channel messages reply to it.
     const replyTo = why === 'message_gone' ? this.job.replyToMessageId : (this.job.statusMessageId ?? this.job.replyToMessageId);
     this.job = { ...this.job, reply: { type: 'channel' }, statusMessageId: null, replyToMessageId: replyTo };
     this.options.store.moveToChannel(this.job.id, replyTo);
+    return true;
   }
 
   private forgetStatusMessage(): void {
@@ -203,7 +220,9 @@ export class JobMessenger {
   }
 
   private async send(message: OutgoingMessage, final = false): Promise<string> {
-    if (this.tokenExpired()) this.moveToChannel('token_expired');
+    if (this.tokenExpired() && !this.moveToChannel('token_expired')) {
+      throw new UndeliverableError('The interaction of this private job has expired; its result is not posted in the channel.');
+    }
     const { body, files } = restBody(message);
     const reply = this.job.reply;
     if (reply.type === 'interaction') {

@@ -234,7 +234,8 @@ export class JobService {
       const messageId = await reporter.final(output.message);
       this.options.store.finish(jobId, 'done', { result: { ...output.summary, timings: { ...output.summary.timings, totalMs: Date.now() - startedAt } } });
       this.options.store.setResultMessage(jobId, messageId);
-      if (output.rerunnable) void reporter.messenger.react(messageId, RERUN_EMOJI);
+      // Nobody but the requester sees a private result, and ephemeral messages take no reactions.
+      if (output.rerunnable && !reporter.messenger.isPrivate) void reporter.messenger.react(messageId, RERUN_EMOJI);
     } catch (error) {
       await this.fail(job, reporter, signal.aborted ? signal.reason : error);
     } finally {

@@ -6,18 +6,22 @@ import type { ReplyRoute } from '../store/job-store.ts';
 const JOB_ID_ALPHABET = 'abcdefghijkmnopqrstuvwxyz23456789';
 
 /** The reply route of a job answered through its interaction (edits while the token lives). */
-export function interactionRoute(interaction: {
-  applicationId: string;
-  id: string;
-  token: string;
-  createdTimestamp: number;
-}): ReplyRoute {
+export function interactionRoute(
+  interaction: {
+    applicationId: string;
+    id: string;
+    token: string;
+    createdTimestamp: number;
+  },
+  options: { ephemeral?: boolean } = {},
+): ReplyRoute {
   return {
     type: 'interaction',
     applicationId: interaction.applicationId,
     interactionId: interaction.id,
     token: interaction.token,
     tokenIssuedAt: interaction.createdTimestamp,
+    ...(options.ephemeral ? { ephemeral: true } : {}),
   };
 }
 

@@ -1,7 +1,5 @@
-import { mkdirSync } from 'node:fs';
-import path from 'node:path';
-import Database from 'better-sqlite3';
 import type { GenerateRequest, GenerateResult, ResolvedParams } from '../engine/api.ts';
+import { openDatabase, type SqliteDatabase } from './database.ts';
 
 export type JobStatus = 'queued' | 'running' | 'done' | 'failed' | 'cancelled';
 /** imagine: a /imagine command; reroll: same request, new seed; panel / compare: renders of a finished job. */
@@ -10,7 +8,18 @@ export type JobKind = 'imagine' | 'reroll' | 'panel' | 'compare';
 /** Where a job's messages go. */
 export type ReplyRoute =
   /** Edits of an interaction's original response while its token lives (15 min). */
-  | { type: 'interaction'; applicationId: string; interactionId: string; token: string; tokenIssuedAt: number }
+  | {
+      type: 'interaction';
+      applicationId: string;
+      interactionId: string;
+      token: string;
+      tokenIssuedAt: number;
+      /**
+       * The response is ephemeral (the requester's /settings visibility is private): it is never
+       * moved to a channel message, where everyone would see it.
+       */
+      ephemeral?: boolean;
+    }
   /** Channel messages (reaction reruns, and every job once its token has expired). */
   | { type: 'channel' };
 
@@ -76,35 +85,6 @@ interface JobRow {
   deleted: number;
 }
 
-const SCHEMA = `
-CREATE TABLE IF NOT EXISTS jobs (
-  id TEXT PRIMARY KEY,
-  kind TEXT NOT NULL,
-  status TEXT NOT NULL,
-  user_id TEXT NOT NULL,
-  guild_id TEXT,
-  channel_id TEXT NOT NULL,
-  request TEXT NOT NULL,
-  seed INTEGER NOT NULL,
-  reply TEXT NOT NULL,
-  parent_job_id TEXT,
-  reply_to_message_id TEXT,
-  status_message_id TEXT,
-  result_message_id TEXT,
-  error TEXT,
-  result TEXT,
-  created_at INTEGER NOT NULL,
-  started_at INTEGER,
-  finished_at INTEGER,
-  attempts INTEGER NOT NULL DEFAULT 0,
-  deleted INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, created_at);
-CREATE INDEX IF NOT EXISTS jobs_user ON jobs(user_id, status);
-CREATE INDEX IF NOT EXISTS jobs_result_message ON jobs(result_message_id);
-CREATE INDEX IF NOT EXISTS jobs_status_message ON jobs(status_message_id);
-`;
-
 function fromRow(row: JobRow): JobRecord {
   return {
     id: row.id,
@@ -131,16 +111,13 @@ function fromRow(row: JobRow): JobRecord {
 
 /** Every job the bot accepted, in SQLite (better-sqlite3: synchronous, a few µs per statement). */
 export class JobStore {
-  private readonly db: Database.Database;
+  /** The database (shared with the settings stores); closing the job store closes it. */
+  readonly db: SqliteDatabase;
   private readonly statements;
 
-  constructor(file: string) {
-    if (file !== ':memory:') mkdirSync(path.dirname(file), { recursive: true });
-    this.db = new Database(file);
-    this.db.pragma('journal_mode = WAL');
-    this.db.pragma('synchronous = NORMAL');
-    this.db.pragma('busy_timeout = 2000');
-    this.db.exec(SCHEMA);
+  /** A file name (opened and migrated here) or a database from openDatabase. */
+  constructor(file: string | SqliteDatabase) {
+    this.db = typeof file === 'string' ? openDatabase(file) : file;
     this.statements = {
       insert: this.db.prepare(
         `INSERT INTO jobs (id, kind, status, user_id, guild_id, channel_id, request, seed, reply, parent_job_id,

@@ -6,6 +6,7 @@ import { SIZE_CHOICES } from '../image-size.ts';
 import { buildImagineRequest, LIMITS } from '../imagine-request.ts';
 import { modelSuggestions } from '../model-choice.ts';
 import { interactionRoute, newJobId } from '../new-job.ts';
+import { applySettings, SETTING_LABELS } from '../user-settings.ts';
 
 const data = new SlashCommandBuilder()
   .setName('imagine')
@@ -52,7 +53,8 @@ async function execute(interaction: ChatInputCommandInteraction, ctx: BotContext
     return;
   }
   const { options } = interaction;
-  const built = buildImagineRequest(
+  // Options left out come from the user's /settings.
+  const applied = applySettings(
     {
       prompt: options.getString('prompt'),
       model: options.getString('model'),
@@ -66,11 +68,20 @@ async function execute(interaction: ChatInputCommandInteraction, ctx: BotContext
       contributions: options.getBoolean('contributions'),
       size: options.getString('size'),
     },
-    ctx.info,
-    { blockedWords: ctx.config.blockedWords },
+    ctx.settings.get(interaction.user.id),
   );
+  const built = buildImagineRequest(applied.options, ctx.info, {
+    blockedWords: ctx.config.blockedWords,
+    preferContributions: applied.preferContributions,
+  });
   if (!built.ok) {
-    await ephemeral(built.message);
+    const fromSettings = applied.used.filter((key) => key !== 'contributions').map((key) => SETTING_LABELS[key].toLowerCase());
+    const hint =
+      fromSettings.length > 0
+        ? `
+-# Your /settings filled in: ${fromSettings.join(', ')}. Change them with /settings, or forget them with /settings reset:True.`
+        : '';
+    await ephemeral(`${built.message}${hint}`);
     return;
   }
   const verdict = ctx.jobs.check(interaction.user.id);
@@ -79,7 +90,7 @@ async function execute(interaction: ChatInputCommandInteraction, ctx: BotContext
     return;
   }
   // Acknowledge first; the job is stored and queued synchronously while the defer is in flight.
-  const ack = interaction.deferReply();
+  const ack = interaction.deferReply(applied.ephemeral ? { flags: MessageFlags.Ephemeral } : {});
   const submitted = ctx.jobs.submit(
     {
       id: newJobId(),
@@ -88,7 +99,7 @@ async function execute(interaction: ChatInputCommandInteraction, ctx: BotContext
       guildId: interaction.guildId,
       channelId: interaction.channelId,
       request: built.request,
-      reply: interactionRoute(interaction),
+      reply: interactionRoute(interaction, { ephemeral: applied.ephemeral }),
       parentJobId: null,
       replyToMessageId: null,
     },
