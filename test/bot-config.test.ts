@@ -112,7 +112,7 @@ test('deploy-commands registers every command for the guild when DISCORD_GUILD_I
     const config = { discordToken: fake.token, applicationId: fake.applicationId, apiUrl: fake.apiBase };
     const guild = await deployCommands({ ...config, guildId: fake.guildId });
     assert.equal(guild.scope, 'guild');
-    assert.deepEqual(guild.names, ['imagine', 'models', 'queue', 'cancel', 'settings']);
+    assert.deepEqual(guild.names, ['imagine', 'models', 'queue', 'cancel', 'settings', 'admin']);
     const registered = fake.deployedCommands.get(fake.guildId)!;
     const imagine = registered.find((c) => c.name === 'imagine') as { options: { name: string; autocomplete?: boolean; choices?: unknown[] }[] };
     assert.deepEqual(

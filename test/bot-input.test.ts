@@ -6,6 +6,7 @@ import { buttonId, parseButtonId } from '../src/bot/custom-ids.ts';
 import { buildImagineRequest, findBlockedWord } from '../src/bot/imagine-request.ts';
 import { modelSuggestions, resolveModelChoice } from '../src/bot/model-choice.ts';
 import { commands } from '../src/bot/commands/index.ts';
+import { commandLimitProblems } from '../src/bot/deploy-commands.ts';
 
 const INFO: PackageInfo = {
   name: 'demo',
@@ -127,18 +128,26 @@ test('button ids round-trip and reject anything else', () => {
   assert.ok(buttonId('delete', 'x'.repeat(12)).length <= 100);
 });
 
-test('command definitions respect Discord limits', () => {
-  for (const command of commands) {
-    const json = command.data.toJSON();
+test('command definitions respect Discord limits, subcommands included', () => {
+  const definitions = commands.map((command) => command.data.toJSON());
+  assert.deepEqual(commandLimitProblems(definitions), []);
+  for (const json of definitions) {
     assert.match(json.name, /^[a-z]{1,32}$/);
     assert.ok(json.description.length <= 100);
     assert.ok((json.options?.length ?? 0) <= 25);
-    for (const option of json.options ?? []) {
-      assert.ok(option.description.length <= 100, `${json.name}.${option.name} description`);
-      if ('choices' in option && option.choices) {
-        assert.ok(option.choices.length <= 25);
-        for (const choice of option.choices) assert.ok(choice.name.length <= 100);
-      }
-    }
   }
+  // The check itself catches what Discord would refuse.
+  const crowded = {
+    name: 'crowded',
+    description: 'x',
+    options: Array.from({ length: 26 }, (_, i) => ({
+      type: 3,
+      name: `o${i}`,
+      description: 'd',
+      ...(i === 0 ? { choices: Array.from({ length: 26 }, (_, j) => ({ name: `c${j}`, value: `c${j}` })) } : {}),
+    })),
+  };
+  const problems = commandLimitProblems([crowded as never]);
+  assert.ok(problems.some((p) => /26 options/.test(p)));
+  assert.ok(problems.some((p) => /crowded o0: 26 choices/.test(p)));
 });

@@ -8,6 +8,7 @@ import { packageId } from '../distributed/names.ts';
 import { describeWorkers } from '../distributed/worker-summary.ts';
 import { JobStore } from '../store/job-store.ts';
 import { UserSettingsStore } from '../store/user-settings-store.ts';
+import { GuildSettingsStore } from '../store/guild-settings-store.ts';
 import { createLogger, type Logger } from '../log/logger.ts';
 import { commands } from './commands/index.ts';
 import { createDiscordClient } from './client.ts';
@@ -29,6 +30,8 @@ export interface BotOptions {
   logger?: Logger;
   /** Delivery tuning (tests shorten the retry delays). */
   messenger?: JobServiceOptions['messenger'];
+  /** The clock of jobs and daily quotas (tests move it to another day); Date.now by default. */
+  clock?: () => number;
 }
 
 export interface RunningBot {
@@ -36,6 +39,7 @@ export interface RunningBot {
   jobs: JobService;
   store: JobStore;
   settings: UserSettingsStore;
+  guilds: GuildSettingsStore;
   engine: EngineClient;
   info: PackageInfo;
   logger: Logger;
@@ -51,6 +55,7 @@ export async function startBot(options: BotOptions): Promise<RunningBot> {
   // One database for jobs and settings (migrated to the current schema when opened).
   const store = new JobStore(path.join(config.dataDir, JOB_DATABASE_FILE));
   const settings = new UserSettingsStore(store.db);
+  const guilds = new GuildSettingsStore(store.db);
   let engine: EngineClient | undefined;
   let client: Client | undefined;
   try {
@@ -65,7 +70,17 @@ export async function startBot(options: BotOptions): Promise<RunningBot> {
     );
     const discord = createDiscordClient(config);
     client = discord;
-    const jobs = new JobService({ rest: discord.rest, store, engine, info, config, logger, messenger: options.messenger });
+    const jobs = new JobService({
+      rest: discord.rest,
+      store,
+      engine,
+      info,
+      config,
+      logger,
+      messenger: options.messenger,
+      isPaused: (guildId) => guilds.isPaused(guildId),
+      now: options.clock,
+    });
     const remote = engine instanceof RemoteEngineClient ? engine : undefined;
     const ctx: BotContext = {
       config,
@@ -73,6 +88,8 @@ export async function startBot(options: BotOptions): Promise<RunningBot> {
       jobs,
       store,
       settings,
+      guilds,
+      now: options.clock ?? Date.now,
       logger,
       describeWorkers: remote && (async () => describeWorkers(await remote.workers(), packageId(info))),
     };
@@ -101,6 +118,7 @@ export async function startBot(options: BotOptions): Promise<RunningBot> {
       jobs,
       store,
       settings,
+      guilds,
       engine,
       info,
       logger,

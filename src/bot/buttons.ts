@@ -1,7 +1,9 @@
 // 🔁 Reroll, 🧩 Contributions, 🔍 Compare, 🗑️ Delete on result messages. The job comes from the
 // store by the id in the custom id, so buttons work on old messages and after a restart.
-import { MessageFlags, PermissionFlagsBits, type ButtonInteraction } from 'discord.js';
+// Blocked users never get here (interactions.ts); new jobs from buttons pass the same checks as /imagine.
+import { MessageFlags, type ButtonInteraction } from 'discord.js';
 import type { JobKind } from '../store/job-store.ts';
+import { isModerator, jobRefusal, memberRoleIds, rerunRefusal } from './access.ts';
 import { channelAllowed, channelRefusal, type BotContext } from './context.ts';
 import { parseButtonId } from './custom-ids.ts';
 import { randomSeed } from './imagine-request.ts';
@@ -15,7 +17,7 @@ export async function handleButton(interaction: ButtonInteraction, ctx: BotConte
   if (!job) return void (await ephemeral('I no longer have the details of this picture.'));
 
   if (parsed.action === 'delete') {
-    const moderator = interaction.memberPermissions?.has(PermissionFlagsBits.ManageMessages) ?? false;
+    const moderator = isModerator(interaction.memberPermissions);
     if (interaction.user.id !== job.userId && !moderator) {
       return void (await ephemeral(`Only <@${job.userId}> (who asked for it) or someone with Manage Messages can delete this.`));
     }
@@ -37,6 +39,10 @@ export async function handleButton(interaction: ButtonInteraction, ctx: BotConte
   if (parsed.action === 'panel' && job.request.mode !== 'afa' && job.request.mode !== 'average') {
     return void (await ephemeral('Contributions need several models (mode afa or average); this picture came from one.'));
   }
+  const refusal =
+    rerunRefusal(ctx, job.request) ??
+    jobRefusal(ctx, { guildId: interaction.guildId, userId: interaction.user.id, roleIds: memberRoleIds(interaction.member) });
+  if (refusal) return void (await ephemeral(refusal));
   const verdict = ctx.jobs.check(interaction.user.id);
   if (!verdict.accepted) return void (await ephemeral(verdict.message));
 

@@ -2,6 +2,7 @@ import type { AutocompleteInteraction, ChatInputCommandInteraction, RESTPostAPIC
 import type { PackageInfo } from '../engine/api.ts';
 import type { JobStore } from '../store/job-store.ts';
 import type { UserSettingsStore } from '../store/user-settings-store.ts';
+import type { GuildSettingsStore } from '../store/guild-settings-store.ts';
 import type { Logger } from '../log/logger.ts';
 import type { BotConfig } from './config.ts';
 import type { JobService } from './job-service.ts';
@@ -14,6 +15,10 @@ export interface BotContext {
   store: JobStore;
   /** Each user's /imagine defaults (/settings). */
   settings: UserSettingsStore;
+  /** Each server's moderation settings (/admin). */
+  guilds: GuildSettingsStore;
+  /** The bot's clock (daily quotas). */
+  now: () => number;
   logger: Logger;
   /** Distributed mode: a few lines describing the GPU workers (for /queue). */
   describeWorkers?: () => Promise<string>;

@@ -1,5 +1,7 @@
 // Routes interactions to command modules and button handlers; nothing thrown here crashes the bot.
+// Users blocked in a server (/admin block) are refused here, whatever they use (but /admin for its admins).
 import { MessageFlags, type Interaction } from 'discord.js';
+import { blockedRefusal, isServerAdmin } from './access.ts';
 import { handleButton } from './buttons.ts';
 import type { BotContext, SlashCommand } from './context.ts';
 
@@ -7,6 +9,13 @@ export function createInteractionRouter(ctx: BotContext, commands: readonly Slas
   const byName = new Map(commands.map((command) => [command.data.name, command]));
   return async (interaction) => {
     try {
+      const blocked = blockedRefusal(ctx, interaction.guildId, interaction.user.id);
+      const exempt = interaction.isChatInputCommand() && interaction.commandName === 'admin' && isServerAdmin(interaction.memberPermissions);
+      if (blocked && !exempt) {
+        if (interaction.isAutocomplete()) await interaction.respond([]);
+        else if (interaction.isRepliable()) await interaction.reply({ content: blocked, flags: MessageFlags.Ephemeral });
+        return;
+      }
       if (interaction.isAutocomplete()) {
         await (byName.get(interaction.commandName)?.autocomplete?.(interaction, ctx) ?? interaction.respond([]));
       } else if (interaction.isChatInputCommand()) {

@@ -34,6 +34,15 @@ export interface JobServiceOptions {
   config: Pick<BotConfig, 'queueConcurrency' | 'maxJobsPerUser' | 'queueMax' | 'jobTimeoutMs' | 'progressIntervalMs'>;
   logger: Logger;
   messenger?: Partial<Omit<MessengerOptions, 'rest' | 'store' | 'logger'>>;
+  /** Whether a server's queue is paused (/admin pause): its waiting jobs do not start. */
+  isPaused?: (guildId: string) => boolean;
+  /** The time jobs are stamped with (daily quotas count by it); tests inject a clock. */
+  now?: () => number;
+}
+
+/** What the fair queue holds of a job. */
+interface QueuedJob extends FairQueueJob {
+  guildId: string | null;
 }
 
 export type SubmitResult =
@@ -41,7 +50,8 @@ export type SubmitResult =
   | Extract<EnqueueResult, { accepted: false }>;
 
 export interface UserQueueView {
-  jobs: { job: JobRecord; state: 'waiting' | 'running'; position?: number; step?: number; steps?: number }[];
+  /** held: waiting in a paused server's queue. */
+  jobs: { job: JobRecord; state: 'waiting' | 'running'; position?: number; held?: boolean; step?: number; steps?: number }[];
   waiting: number;
   running: number;
   workers: number;
@@ -92,20 +102,22 @@ function deleteOnlyButtons(job: JobRecord): APIActionRowComponent<APIButtonCompo
 }
 
 export class JobService {
-  readonly queue: FairQueue<FairQueueJob>;
+  readonly queue: FairQueue<QueuedJob>;
   private readonly reporters = new Map<string, JobReporter>();
   private readonly progress = new Map<string, { step: number; steps: number }>();
   private stopping = false;
 
   constructor(private readonly options: JobServiceOptions) {
     const { config } = options;
-    this.queue = new FairQueue<FairQueueJob>(
+    const isPaused = options.isPaused;
+    this.queue = new FairQueue<QueuedJob>(
       {
         concurrency: config.queueConcurrency,
         maxJobsPerUser: config.maxJobsPerUser,
         maxQueued: config.queueMax,
         jobTimeoutMs: config.jobTimeoutMs,
         onChange: () => this.showPositions(),
+        isHeld: isPaused && ((job) => job.guildId !== null && isPaused(job.guildId)),
       },
       (entry, signal) => this.run(entry.id, signal),
     );
@@ -113,6 +125,16 @@ export class JobService {
 
   get info(): PackageInfo {
     return this.options.info;
+  }
+
+  /** The time of the bot's clock. */
+  now(): number {
+    return this.options.now?.() ?? Date.now();
+  }
+
+  /** A server's queue was paused or resumed: show it on the waiting jobs, start those that may start now. */
+  pauseChanged(): void {
+    this.queue.refresh();
   }
 
   /** Whether a job from this user would be accepted now. */
@@ -127,9 +149,9 @@ export class JobService {
   submit(newJob: NewJob, ack?: Promise<unknown>): SubmitResult {
     const verdict = this.queue.check(newJob.userId);
     if (!verdict.accepted) return verdict;
-    const job = this.options.store.create(newJob);
+    const job = this.options.store.create({ createdAt: this.now(), ...newJob });
     this.reporters.set(job.id, this.createReporter(job, ack, false));
-    const queued = this.queue.enqueue({ id: job.id, userId: job.userId });
+    const queued = this.queue.enqueue({ id: job.id, userId: job.userId, guildId: job.guildId });
     if (!queued.accepted) {
       this.options.store.finish(job.id, 'failed', { error: queued.message });
       this.reporters.get(job.id)?.close();
@@ -147,16 +169,20 @@ export class JobService {
       this.options.store.requeue(job.id);
       const fresh = this.options.store.get(job.id)!;
       this.reporters.set(job.id, this.createReporter(fresh, undefined, true));
-      const result = this.queue.enqueue({ id: job.id, userId: job.userId }, { force: true });
+      const result = this.queue.enqueue({ id: job.id, userId: job.userId, guildId: job.guildId }, { force: true });
       if (result.accepted) restored++;
     }
     if (restored > 0) this.options.logger.info({ restored }, 'restored unfinished jobs');
     return restored;
   }
 
-  /** Cancels a waiting or running job. Returns false if it is not active. */
-  async cancel(jobId: string, byUserId: string): Promise<'waiting' | 'running' | false> {
-    const what = this.queue.cancel(jobId);
+  /**
+   * Cancels a waiting or running job (`byModerator`: someone else than its requester, which its
+   * message says). Returns false if it is not active.
+   */
+  async cancel(jobId: string, byUserId: string, options: { byModerator?: boolean } = {}): Promise<'waiting' | 'running' | false> {
+    const reason = options.byModerator ? 'Cancelled by a moderator.' : 'Cancelled.';
+    const what = this.queue.cancel(jobId, reason);
     if (what === 'waiting') {
       const job = this.options.store.get(jobId);
       this.options.store.finish(jobId, 'cancelled', { error: `cancelled by ${byUserId}` });
@@ -164,7 +190,7 @@ export class JobService {
       this.reporters.delete(jobId);
       if (job && reporter) {
         await reporter
-          .final(failureMessage(job, this.info, 'Cancelled.', '🚫'))
+          .final(failureMessage(job, this.info, reason, '🚫'))
           .catch((error: unknown) => this.options.logger.warn({ job: jobId, err: error }, 'could not show the cancellation'));
       }
     }
@@ -173,17 +199,24 @@ export class JobService {
 
   /** The user's active jobs and the queue's state, for /queue and /cancel. */
   viewFor(userId: string): UserQueueView {
+    return this.view((job) => job.userId === userId);
+  }
+
+  /** A server's active jobs, everyone's (for /admin queue), and the queue's state. */
+  viewOfGuild(guildId: string): UserQueueView {
+    return this.view((job) => job.guildId === guildId);
+  }
+
+  private view(wanted: (job: JobRecord) => boolean): UserQueueView {
     const snapshot = this.queue.snapshot();
     const jobs: UserQueueView['jobs'] = [];
     for (const running of snapshot.running) {
-      if (running.userId !== userId) continue;
       const job = this.options.store.get(running.id);
-      if (job) jobs.push({ job, state: 'running', ...this.progress.get(running.id) });
+      if (job && wanted(job)) jobs.push({ job, state: 'running', ...this.progress.get(running.id) });
     }
     for (const waiting of snapshot.waiting) {
-      if (waiting.userId !== userId) continue;
       const job = this.options.store.get(waiting.id);
-      if (job) jobs.push({ job, state: 'waiting', position: waiting.position });
+      if (job && wanted(job)) jobs.push({ job, state: 'waiting', position: waiting.position, held: waiting.held });
     }
     return {
       jobs,
@@ -217,7 +250,10 @@ export class JobService {
     for (const waiting of this.queue.snapshot().waiting) {
       const reporter = this.reporters.get(waiting.id);
       if (!reporter) continue;
-      reporter.update(() => queuedMessage(reporter.job, this.info, waiting.position, reporter.restored), `queued:${waiting.position}`);
+      reporter.update(
+        () => queuedMessage(reporter.job, this.info, waiting.position, { restarted: reporter.restored, paused: waiting.held }),
+        `queued:${waiting.position}:${waiting.held}`,
+      );
     }
   }
 
@@ -257,7 +293,7 @@ export class JobService {
       }
       if (error.kind === 'cancelled') {
         store.finish(job.id, 'cancelled', { error: 'cancelled' });
-        await show(() => reporter.final(failureMessage(job, this.info, 'Cancelled.', '🚫')));
+        await show(() => reporter.final(failureMessage(job, this.info, error.message, '🚫')));
         return;
       }
       store.finish(job.id, 'failed', { error: error.message });

@@ -64,10 +64,16 @@ function headline(job: JobRecord, info: PackageInfo): string {
   return `> ${quoteUserText(job.request.prompt, 200)}\n-# ${describeModels(job.request, info)} · seed ${job.request.seed}`;
 }
 
-export function queuedMessage(job: JobRecord, info: PackageInfo, position: number, restarted = false): OutgoingMessage {
-  const lead = restarted ? '♻️ The bot restarted; your job is back in the queue' : '⏳ **Queued**';
+export function queuedMessage(
+  job: JobRecord,
+  info: PackageInfo,
+  position: number,
+  state: { restarted?: boolean; paused?: boolean } = {},
+): OutgoingMessage {
+  const lead = state.restarted ? '♻️ The bot restarted; your job is back in the queue' : '⏳ **Queued**';
+  const where = state.paused ? '⏸️ the queue of this server is paused by its moderators; your job starts when they resume it' : `position ${position}`;
   return {
-    content: `${lead} — position ${position}\n${headline(job, info)}`,
+    content: `${lead} — ${where}\n${headline(job, info)}`,
     mentionUserIds: [],
   };
 }

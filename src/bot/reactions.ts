@@ -1,6 +1,8 @@
 // 🔁 on a result message reruns the same request with a new seed; the result is posted in the
 // channel as a reply to that message. Works on uncached messages (partials + reaction.fetch()).
+// It passes the checks of /imagine (blocked users, allowed roles, quotas, blocked words).
 import type { MessageReaction, PartialMessageReaction, PartialUser, User } from 'discord.js';
+import { jobRefusal, memberRoleIds, rerunRefusal } from './access.ts';
 import { channelAllowed, type BotContext } from './context.ts';
 import { randomSeed } from './imagine-request.ts';
 import { RERUN_EMOJI } from './job-service.ts';
@@ -20,11 +22,17 @@ export async function handleReaction(
   if (!job || job.status !== 'done' || job.deleted || (job.kind !== 'imagine' && job.kind !== 'reroll')) return;
   if (!channelAllowed(ctx.config, message.channelId)) return;
 
+  // The reaction's member (with roles) was cached from the gateway event.
+  const member = message.guild?.members.cache.get(user.id);
   const verdict = ctx.jobs.check(user.id);
-  if (!verdict.accepted) {
+  const refusal =
+    jobRefusal(ctx, { guildId: job.guildId, userId: user.id, roleIds: memberRoleIds(member) }) ??
+    rerunRefusal(ctx, job.request) ??
+    (verdict.accepted ? undefined : verdict.message);
+  if (refusal) {
     // No ephemeral reply exists for reactions: answer briefly in the channel.
     await message
-      .reply({ content: `<@${user.id}> ${verdict.message}`, allowedMentions: { users: [user.id], repliedUser: false } })
+      .reply({ content: `<@${user.id}> ${refusal}`, allowedMentions: { users: [user.id], repliedUser: false } })
       .catch((error: unknown) => ctx.logger.warn({ err: error }, 'could not answer a reaction'));
     return;
   }

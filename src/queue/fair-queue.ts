@@ -15,7 +15,7 @@ export interface FairQueueJob {
   userId: string;
 }
 
-export interface FairQueueOptions {
+export interface FairQueueOptions<J extends FairQueueJob = FairQueueJob> {
   /** Jobs run at the same time (engine threads, or jobs handed to the GPU workers). */
   concurrency: number;
   /** Waiting + running jobs one user may have. */
@@ -26,6 +26,12 @@ export interface FairQueueOptions {
   jobTimeoutMs: number;
   /** Called (synchronously, coalesced per tick) whenever the waiting order or the running set changed. */
   onChange?: () => void;
+  /**
+   * A held job waits without starting (e.g. its server's queue is paused) while others pass it; it
+   * counts against the limits like any waiting job. Asked again whenever a slot frees up: call
+   * refresh() when a job stops being held.
+   */
+  isHeld?: (job: J) => boolean;
 }
 
 export type RunJob<J> = (job: J, signal: AbortSignal) => Promise<void>;
@@ -35,8 +41,8 @@ export type EnqueueResult =
   | { accepted: false; reason: 'user_limit' | 'queue_full' | 'duplicate' | 'stopped'; message: string };
 
 export interface QueueSnapshot {
-  /** Waiting jobs in the order they will start. */
-  waiting: { id: string; userId: string; position: number }[];
+  /** Waiting jobs in the order they will start; held ones last, in the order they came. */
+  waiting: { id: string; userId: string; position: number; held: boolean }[];
   running: { id: string; userId: string; startedAt: number }[];
   concurrency: number;
   maxQueued: number;
@@ -66,7 +72,7 @@ export class FairQueue<J extends FairQueueJob> {
   private changeScheduled = false;
 
   constructor(
-    private readonly options: FairQueueOptions,
+    private readonly options: FairQueueOptions<J>,
     private readonly run: RunJob<J>,
   ) {
     if (!Number.isInteger(options.concurrency) || options.concurrency < 1) {
@@ -153,18 +159,18 @@ export class FairQueue<J extends FairQueueJob> {
 
   snapshot(): QueueSnapshot {
     return {
-      waiting: this.waitingOrder().map((job, i) => ({ id: job.id, userId: job.userId, position: i + 1 })),
+      waiting: this.waitingOrder().map((job, i) => ({ id: job.id, userId: job.userId, position: i + 1, held: this.isHeld(job) })),
       running: [...this.running.values()].map((e) => ({ id: e.job.id, userId: e.job.userId, startedAt: e.startedAt })),
       concurrency: this.options.concurrency,
       maxQueued: this.options.maxQueued,
     };
   }
 
-  /** Removes a waiting job or aborts a running one. Returns what it was, or false if unknown. */
-  cancel(jobId: string): 'waiting' | 'running' | false {
+  /** Removes a waiting job or aborts a running one (`reason`: the abort's message). Returns what it was, or false if unknown. */
+  cancel(jobId: string, reason = 'Cancelled.'): 'waiting' | 'running' | false {
     const entry = this.running.get(jobId);
     if (entry) {
-      entry.controller.abort(new JobAbortedError('cancelled', 'Cancelled.'));
+      entry.controller.abort(new JobAbortedError('cancelled', reason));
       return 'running';
     }
     const found = this.findWaiting(jobId);
@@ -192,14 +198,43 @@ export class FairQueue<J extends FairQueueJob> {
     await Promise.race([pending, new Promise((resolve) => setTimeout(resolve, graceMs).unref())]);
   }
 
+  /**
+   * Makes sure every waiting job that is not held has a slot task to start it: after jobs stopped
+   * being held (their tasks may have found nothing to start while they were), and to show the new order.
+   */
+  refresh(): void {
+    if (this.stopped) return;
+    let startable = 0;
+    for (const list of this.waitingByUser.values()) for (const job of list) if (!this.isHeld(job)) startable++;
+    for (let missing = startable - this.slots.size; missing > 0; missing--) void this.slots.add(() => this.startNext());
+    this.changed();
+  }
+
   /** Resolves when nothing is waiting or running. */
   async onIdle(): Promise<void> {
     await this.slots.onIdle();
   }
 
-  private waitingOrder(): J[] {
+  private isHeld(job: J): boolean {
+    return this.options.isHeld?.(job) ?? false;
+  }
+
+  /** Each user's waiting jobs that are not held, in their order. */
+  private startableLists(): Map<string, J[]> {
     const lists = new Map<string, J[]>();
-    for (const [user, list] of this.waitingByUser) lists.set(user, [...list]);
+    for (const [user, list] of this.waitingByUser) {
+      const startable = list.filter((job) => !this.isHeld(job));
+      if (startable.length > 0) lists.set(user, startable);
+    }
+    return lists;
+  }
+
+  private waitingOrder(): J[] {
+    const lists = this.startableLists();
+    const held = [...this.waitingByUser.values()]
+      .flat()
+      .filter((job) => this.isHeld(job))
+      .sort((a, b) => (this.enqueuedAt.get(a.id) ?? 0) - (this.enqueuedAt.get(b.id) ?? 0));
     const served = new Map(this.lastServedTurn);
     const order: J[] = [];
     let turn = this.turn;
@@ -211,7 +246,7 @@ export class FairQueue<J extends FairQueueJob> {
       if (list.length === 0) lists.delete(user);
       served.set(user, turn++);
     }
-    return order;
+    return [...order, ...held];
   }
 
   /** The user served least recently; ties go to whoever's next job was enqueued first. */
@@ -234,10 +269,10 @@ export class FairQueue<J extends FairQueueJob> {
 
   private async startNext(): Promise<void> {
     if (this.stopped) return;
-    const user = this.pickUser(this.waitingByUser, this.lastServedTurn);
+    const user = this.pickUser(this.startableLists(), this.lastServedTurn);
     if (user === undefined) return;
     const list = this.waitingByUser.get(user)!;
-    const job = list.shift()!;
+    const job = list.splice(list.findIndex((waiting) => !this.isHeld(waiting)), 1)[0];
     if (list.length === 0) this.waitingByUser.delete(user);
     this.enqueuedAt.delete(job.id);
     this.lastServedTurn.set(user, this.turn++);

@@ -49,6 +49,35 @@ const MIGRATIONS: readonly string[] = [
     updated_at INTEGER NOT NULL
   );
   `,
+  // 3: /admin, per server: paused queue and default daily quota, allowed roles, blocked users,
+  // per-user daily quotas; and the index that counts a user's jobs of one day in one server.
+  `
+  CREATE TABLE guild_settings (
+    guild_id TEXT PRIMARY KEY,
+    paused INTEGER NOT NULL DEFAULT 0,
+    daily_quota INTEGER,
+    updated_at INTEGER NOT NULL
+  );
+  CREATE TABLE guild_allowed_roles (
+    guild_id TEXT NOT NULL,
+    role_id TEXT NOT NULL,
+    PRIMARY KEY (guild_id, role_id)
+  );
+  CREATE TABLE guild_blocked_users (
+    guild_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    blocked_by TEXT NOT NULL,
+    blocked_at INTEGER NOT NULL,
+    PRIMARY KEY (guild_id, user_id)
+  );
+  CREATE TABLE guild_user_quotas (
+    guild_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    daily_quota INTEGER NOT NULL,
+    PRIMARY KEY (guild_id, user_id)
+  );
+  CREATE INDEX jobs_user_day ON jobs(user_id, guild_id, created_at);
+  `,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;

@@ -148,6 +148,10 @@ export class JobStore {
         `SELECT * FROM jobs WHERE user_id = ? AND status IN ('queued', 'running') ORDER BY created_at, rowid`,
       ),
       recentOfUser: this.db.prepare(`SELECT * FROM jobs WHERE user_id = ? ORDER BY created_at DESC, rowid DESC LIMIT ?`),
+      countForQuota: this.db.prepare(
+        `SELECT COUNT(*) AS n FROM jobs WHERE user_id = @userId AND guild_id IS @guildId AND created_at >= @from AND created_at < @to
+           AND NOT (started_at IS NULL AND status IN ('cancelled', 'failed'))`,
+      ),
     };
   }
 
@@ -235,6 +239,14 @@ export class JobStore {
 
   recentOfUser(userId: string, limit = 10): JobRecord[] {
     return (this.statements.recentOfUser.all(userId, limit) as JobRow[]).map(fromRow);
+  }
+
+  /**
+   * A user's jobs in one server created in [from, to) that count against a daily quota: every job
+   * accepted, except those that ended before they started (cancelled while waiting, refused by the queue).
+   */
+  countForQuota(userId: string, guildId: string | null, from: number, to: number): number {
+    return (this.statements.countForQuota.get({ userId, guildId, from, to }) as { n: number }).n;
   }
 
   close(): void {

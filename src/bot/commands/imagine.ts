@@ -1,6 +1,7 @@
 import { MessageFlags, InteractionContextType, SlashCommandBuilder, type AutocompleteInteraction, type ChatInputCommandInteraction } from 'discord.js';
 import { MODES, SCHEDULER_NAMES } from '../../engine/api.ts';
 import { modeChoice, SCHEDULER_LABELS } from '../../engine/labels.ts';
+import { jobRefusal, memberRoleIds } from '../access.ts';
 import { channelAllowed, channelRefusal, type BotContext, type SlashCommand } from '../context.ts';
 import { SIZE_CHOICES } from '../image-size.ts';
 import { buildImagineRequest, LIMITS } from '../imagine-request.ts';
@@ -82,6 +83,11 @@ async function execute(interaction: ChatInputCommandInteraction, ctx: BotContext
 -# Your /settings filled in: ${fromSettings.join(', ')}. Change them with /settings, or forget them with /settings reset:True.`
         : '';
     await ephemeral(`${built.message}${hint}`);
+    return;
+  }
+  const refusal = jobRefusal(ctx, { guildId: interaction.guildId, userId: interaction.user.id, roleIds: memberRoleIds(interaction.member) });
+  if (refusal) {
+    await ephemeral(refusal);
     return;
   }
   const verdict = ctx.jobs.check(interaction.user.id);

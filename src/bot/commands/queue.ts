@@ -10,12 +10,16 @@ const data = new SlashCommandBuilder()
 
 async function execute(interaction: ChatInputCommandInteraction, ctx: BotContext): Promise<void> {
   const view = ctx.jobs.viewFor(interaction.user.id);
-  const lines = view.jobs.map(({ job, state, position, step, steps }) => {
+  const lines = view.jobs.map(({ job, state, position, held, step, steps }) => {
     const what = `\`${job.id}\` ${clip(job.request.prompt, 60)}`;
     if (state === 'running') return `🎨 ${what} — drawing${step !== undefined ? `, step ${step}/${steps}` : ''}`;
-    return `⏳ ${what} — position ${position}`;
+    return held ? `⏸️ ${what} — waiting for the queue to resume` : `⏳ ${what} — position ${position}`;
   });
-  const mine = lines.length > 0 ? lines.join('\n') : 'You have no jobs in the queue.';
+  const paused =
+    interaction.guildId !== null && ctx.guilds.isPaused(interaction.guildId)
+      ? '⏸️ **The queue of this server is paused** by its moderators: new jobs are accepted and wait; they start when it is resumed.\n'
+      : '';
+  const mine = paused + (lines.length > 0 ? lines.join('\n') : 'You have no jobs in the queue.');
   const summary =
     `Queue: ${view.waiting} waiting (at most ${view.maxQueued}), ${view.running} drawing on ` +
     `${view.workers} worker${view.workers === 1 ? '' : 's'}. Limit per person: ${ctx.config.maxJobsPerUser}.`;
