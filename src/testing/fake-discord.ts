@@ -86,6 +86,8 @@ export interface FailureRule {
   times?: number;
   /** For 429s, seconds until retry. */
   retryAfter?: number;
+  /** For 429s: the global rate limit (every route waits), not this route's. */
+  global?: boolean;
   code?: number;
   message?: string;
 }
@@ -195,6 +197,15 @@ export class FakeDiscord {
   readonly requests: RecordedRequest[] = [];
   readonly deployedCommands = new Map<string, Record<string, unknown>[]>();
   readonly gatewayIdentifies: { at: number; intents: number }[] = [];
+  /** When set, an identify is answered by closing the connection with this code (e.g. 4004, 4014) instead of READY. */
+  refuseIdentifyWith?: number;
+  /**
+   * When true, a RESUME (op 6) of a session this fake started is answered with RESUMED (events sent
+   * while it was away are not replayed); otherwise with "invalid session", so the client identifies again.
+   */
+  acceptResume = false;
+  readonly gatewayResumes: { at: number; sessionId: string }[] = [];
+  private readonly gatewaySessions = new Set<string>();
   private readonly interactionsByToken = new Map<string, FakeInteraction>();
   private readonly users = new Map<string, FakeUser>();
   private readonly commandIds = new Map<string, string>();
@@ -334,6 +345,19 @@ export class FakeDiscord {
     for (const socket of this.sockets) socket.ws.terminate();
   }
 
+  /**
+   * Closes every gateway connection with a close frame carrying `code`, as Discord does: 4004 after
+   * the token was reset, 4000/4009/1001 and others when the client should resume or reconnect.
+   */
+  closeGateway(code: number, reason = ''): void {
+    for (const socket of this.sockets) socket.ws.close(code, reason);
+  }
+
+  /** Stops answering on every gateway connection, the close handshake included (a hung connection). */
+  freezeGateway(): void {
+    for (const socket of this.sockets) socket.ws.stopReading();
+  }
+
   async close(): Promise<void> {
     for (const socket of this.sockets) socket.ws.terminate();
     this.server.closeAllConnections();
@@ -366,6 +390,10 @@ export class FakeDiscord {
             ws.close(4004, 'Authentication failed.');
             return;
           }
+          if (this.refuseIdentifyWith !== undefined) {
+            ws.close(this.refuseIdentifyWith, 'Refused by the test.');
+            return;
+          }
           this.gatewayIdentifies.push({ at: Date.now(), intents: Number(payload.d.intents) });
           socket.identified = true;
           socket.seq++;
@@ -378,7 +406,7 @@ export class FakeDiscord {
                 v: 10,
                 user: this.userJson(this.botUser),
                 guilds: [{ id: this.guildId, unavailable: true }],
-                session_id: randomBytes(8).toString('hex'),
+                session_id: this.newGatewaySession(),
                 resume_gateway_url: this.gatewayUrl,
                 shard: [0, 1],
                 application: { id: this.applicationId, flags: 0 },
@@ -389,14 +417,29 @@ export class FakeDiscord {
           ws.sendText(JSON.stringify({ op: 0, t: 'GUILD_CREATE', s: socket.seq, d: this.guildJson() }));
           break;
         }
-        case 6:
-          // No session resumption: tell the client to identify again.
-          ws.sendText(JSON.stringify({ op: 9, d: false }));
+        case 6: {
+          const sessionId = String(payload.d.session_id);
+          if (!this.acceptResume || payload.d.token !== this.token || !this.gatewaySessions.has(sessionId)) {
+            // No session resumption: tell the client to identify again.
+            ws.sendText(JSON.stringify({ op: 9, d: false }));
+            break;
+          }
+          this.gatewayResumes.push({ at: Date.now(), sessionId });
+          socket.identified = true;
+          socket.seq = Number(payload.d.seq ?? 0) + 1;
+          ws.sendText(JSON.stringify({ op: 0, t: 'RESUMED', s: socket.seq, d: {} }));
           break;
+        }
         default:
           break;
       }
     });
+  }
+
+  private newGatewaySession(): string {
+    const id = randomBytes(8).toString('hex');
+    this.gatewaySessions.add(id);
+    return id;
   }
 
   // ---- REST ------------------------------------------------------------------------------------
@@ -460,8 +503,12 @@ export class FakeDiscord {
         const retryAfter = failure.retryAfter ?? 0.05;
         return reply(
           429,
-          { message: 'You are being rate limited.', retry_after: retryAfter, global: false },
-          { 'retry-after': String(retryAfter), 'x-ratelimit-scope': 'user' },
+          { message: 'You are being rate limited.', retry_after: retryAfter, global: failure.global ?? false },
+          {
+            'retry-after': String(retryAfter),
+            'x-ratelimit-scope': failure.global ? 'global' : 'user',
+            ...(failure.global ? { 'x-ratelimit-global': 'true' } : {}),
+          },
         );
       }
       return reply(failure.status, { message: failure.message ?? 'Internal Server Error', code: failure.code ?? 0 });

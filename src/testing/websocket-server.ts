@@ -38,6 +38,11 @@ export class ServerWebSocket extends EventEmitter {
     this.socket.end();
   }
 
+  /** Stops reading from the connection: frames, a close included, go unanswered (a peer that hangs). */
+  stopReading(): void {
+    this.socket.pause();
+  }
+
   /** Drops the TCP connection without a close frame (a network failure). */
   terminate(): void {
     this.markClosed(1006, '');
