@@ -1,37 +1,13 @@
 // `npm start` as a process: configuration errors, a full run against the fake Discord, token hygiene.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { commands } from '../src/bot/commands/index.ts';
 import { FIXTURE_PACKAGE, isResult } from './support/bot-harness.ts';
+import { runMain } from './support/bot-process.ts';
 import { FakeDiscord } from '../src/testing/fake-discord.ts';
-
-const MAIN = fileURLToPath(new URL('../src/bot/main.ts', import.meta.url));
-const TSX = import.meta.resolve('tsx');
-
-interface Running {
-  output: () => string;
-  exited: Promise<number | null>;
-  kill: (signal: NodeJS.Signals) => void;
-}
-
-/** Runs main.ts in an empty directory (no .env there) with exactly the given environment. */
-function runMain(env: Record<string, string>, cwd: string): Running {
-  const child = spawn(process.execPath, ['--import', TSX, MAIN], {
-    cwd,
-    env: { PATH: process.env.PATH ?? '', OMP_WAIT_POLICY: 'PASSIVE', ...env },
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let output = '';
-  child.stdout.on('data', (chunk: Buffer) => (output += chunk.toString()));
-  child.stderr.on('data', (chunk: Buffer) => (output += chunk.toString()));
-  const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
-  return { output: () => output, exited, kill: (signal) => child.kill(signal) };
-}
 
 test('an invalid configuration stops the bot with one clear message per problem', async () => {
   const cwd = mkdtempSync(path.join(tmpdir(), 'bot-main-'));

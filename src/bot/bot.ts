@@ -11,7 +11,7 @@ import { UserSettingsStore } from '../store/user-settings-store.ts';
 import { GuildSettingsStore } from '../store/guild-settings-store.ts';
 import { createLogger, type Logger } from '../log/logger.ts';
 import { commands } from './commands/index.ts';
-import { createDiscordClient } from './client.ts';
+import { createDiscordClient, RateLimitWatch, watchGateway, type GatewayLoss } from './client.ts';
 import type { BotConfig } from './config.ts';
 import type { BotContext } from './context.ts';
 import { createInteractionRouter } from './interactions.ts';
@@ -43,8 +43,24 @@ export interface RunningBot {
   engine: EngineClient;
   info: PackageInfo;
   logger: Logger;
-  /** Graceful stop: running jobs are interrupted and stay queued in the store for the next start. */
+  /**
+   * Settles when the connection to Discord is lost for good (a close code discord.js does not
+   * recover from, e.g. 4004 after the token was reset); never while discord.js resumes or reconnects.
+   */
+  gatewayLost: Promise<GatewayLoss>;
+  /**
+   * Graceful stop: running jobs are interrupted and stay queued in the store for the next start. It
+   * never waits for REST calls held back by a rate limit (it names them in its log line), but it may
+   * wait for the gateway or the engine to close: bound it (main.ts does).
+   */
   stop(): Promise<void>;
+  /** What a stop in progress still waits for, and the REST requests held back by a rate limit. */
+  pending(): string[];
+  /**
+   * For a stop that is past its deadline, right before the process exits: marks the jobs that are
+   * still running as queued and closes the SQLite store (synchronously).
+   */
+  abandon(): void;
 }
 
 export const JOB_DATABASE_FILE = 'jobs.sqlite';
@@ -104,15 +120,66 @@ export async function startBot(options: BotOptions): Promise<RunningBot> {
     discord.on(Events.Error, (error) => logger.error({ err: error }, 'discord client error'));
     discord.on(Events.Warn, (message) => logger.warn(message));
     discord.on(Events.Debug, (message) => logger.trace(message));
-    discord.rest.on('rateLimited', (info) => logger.debug({ route: info.route, retryAfter: info.retryAfter }, 'rate limited'));
+    const rateLimits = new RateLimitWatch(discord.rest, logger);
 
+    // A close that discord.js gives up on (4004 …) ends the login with a bare "Authentication failed",
+    // or leaves `ready` pending forever: both end with the loss in words instead.
+    let loss: GatewayLoss | undefined;
+    let stopWatching = (): void => undefined;
+    const gatewayLost = new Promise<GatewayLoss>((resolve) => {
+      stopWatching = watchGateway(discord, logger, (lost) => {
+        loss = lost;
+        resolve(lost);
+      });
+    });
+    const refused = gatewayLost.then((lost) => Promise.reject(new Error(lost.message)));
+    refused.catch(() => undefined);
     const ready = new Promise<void>((resolve) => discord.once(Events.ClientReady, () => resolve()));
-    await discord.login(config.discordToken);
-    await ready;
+    try {
+      await Promise.race([discord.login(config.discordToken), refused]);
+      await Promise.race([ready, refused]);
+    } catch (error) {
+      throw loss ? new Error(loss.message, { cause: error }) : error;
+    }
     logger.info({ user: discord.user?.tag, guilds: discord.guilds.cache.size }, 'connected to Discord');
     jobs.restore();
 
-    let stopped = false;
+    const requeueRunning = (): number => {
+      let requeued = 0;
+      for (const job of store.unfinished()) {
+        if (job.status !== 'running') continue;
+        store.requeue(job.id);
+        requeued++;
+      }
+      return requeued;
+    };
+    const abandon = (): void => {
+      if (!store.db.open) return;
+      requeueRunning();
+      store.close();
+    };
+    let waitingFor: string | undefined;
+    let stopping: Promise<void> | undefined;
+    const stop = async (): Promise<void> => {
+      discord.removeAllListeners(Events.InteractionCreate);
+      discord.removeAllListeners(Events.MessageReactionAdd);
+      waitingFor = 'running jobs to stop';
+      await jobs.stop();
+      // A job whose last message waits behind a rate limit is still marked running: queued, it runs again.
+      const requeued = requeueRunning();
+      const heldBack = rateLimits.describe();
+      if (heldBack.length > 0) {
+        logger.warn({ requests: heldBack, requeued }, 'not waiting for REST requests held back by a rate limit; their jobs run again at the next start');
+      }
+      stopWatching();
+      waitingFor = 'the Discord gateway to close';
+      await discord.destroy();
+      waitingFor = 'the engine to stop';
+      await engine!.dispose();
+      waitingFor = undefined;
+      abandon();
+      logger.info('stopped');
+    };
     return {
       client: discord,
       jobs,
@@ -122,17 +189,15 @@ export async function startBot(options: BotOptions): Promise<RunningBot> {
       engine,
       info,
       logger,
-      async stop() {
-        if (stopped) return;
-        stopped = true;
-        discord.removeAllListeners(Events.InteractionCreate);
-        discord.removeAllListeners(Events.MessageReactionAdd);
-        await jobs.stop();
-        await discord.destroy();
-        await engine!.dispose();
-        store.close();
-        logger.info('stopped');
+      gatewayLost,
+      stop() {
+        stopping ??= stop();
+        return stopping;
       },
+      pending() {
+        return [...(waitingFor ? [`waiting for ${waitingFor}`] : []), ...rateLimits.describe()];
+      },
+      abandon,
     };
   } catch (error) {
     await client?.destroy().catch(() => undefined);
