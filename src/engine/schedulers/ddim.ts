@@ -3,7 +3,7 @@ import type { DdimConfig } from './config.ts';
 import { f32 } from './numeric.ts';
 import { spacedTimesteps } from './spacing.ts';
 import { buildTrainingSchedule } from './training-schedule.ts';
-import { type Scheduler, checkSameLength, checkStepIndex } from './types.ts';
+import { type Scheduler, checkSameLength, checkStepIndex, mixFloat32 } from './types.ts';
 
 export class DdimScheduler implements Scheduler {
   readonly timesteps: readonly number[];
@@ -67,6 +67,13 @@ export class DdimScheduler implements Scheduler {
       out[i] = f32(sqrtAlphaPrev * x0) + f32(directionScale * eps);
     }
     return out;
+  }
+
+  /** √ᾱ_t·x₀ + √(1 − ᾱ_t)·ε at t = timesteps[stepIndex] (ᾱ of the training schedule, as diffusers). */
+  addNoise(original: Float32Array, noise: Float32Array, stepIndex: number): Float32Array {
+    checkStepIndex(stepIndex, this.timesteps.length);
+    const alpha = this.alphaAt(this.timesteps[stepIndex]);
+    return mixFloat32(Math.sqrt(alpha), original, Math.sqrt(f32(1 - alpha)), noise);
   }
 
   private alphaAt(t: number): number {

@@ -1,12 +1,12 @@
 // diffusers' DPMSolverMultistepScheduler (DPM-Solver++ 2M and relatives), float32 arithmetic op by op.
 // The solver is multistep: it remembers the last converted model outputs, so steps must be taken in
-// order (step 0 starts a new trajectory).
+// order (step 0, or the begin index of a run that starts part-way, starts a new trajectory).
 import type { DpmSolverConfig } from './config.ts';
 import { f32, numpyInterp, numpyLinspace, roundHalfEven } from './numeric.ts';
 import { exponentialSigmas, karrasSigmas, logSigmas, sigmaToTimestep, trainingSigmas } from './sigmas.ts';
 import { dpmSolverTimesteps } from './spacing.ts';
 import { buildTrainingSchedule } from './training-schedule.ts';
-import { type NoiseSource, type Scheduler, checkSameLength, checkStepIndex, drawNoise } from './types.ts';
+import { type NoiseSource, type Scheduler, checkSameLength, checkStepIndex, drawNoise, mixFloat32 } from './types.ts';
 
 /** α_t = 1/√(σ² + 1) and σ_t = σ·α_t, and their log-SNR λ = log α_t − log σ_t, in float32. */
 interface NoiseLevel {
@@ -60,6 +60,8 @@ export class DpmSolverScheduler implements Scheduler {
   private history: Float32Array[] = [];
   private lowerOrderCount = 0;
   private nextStep = 0;
+  /** diffusers' begin_index: where a run that starts part-way (image-to-image) takes its first step. */
+  private beginIndex = 0;
 
   constructor(
     private readonly config: DpmSolverConfig,
@@ -104,10 +106,23 @@ export class DpmSolverScheduler implements Scheduler {
     return sample;
   }
 
+  setBeginIndex(stepIndex: number): void {
+    checkStepIndex(stepIndex, this.timesteps.length);
+    this.beginIndex = stepIndex;
+  }
+
+  /** α_t·x₀ + σ_t·ε at the σ of step `stepIndex` (diffusers: sigmas[begin_index] before the first step). */
+  addNoise(original: Float32Array, noise: Float32Array, stepIndex: number): Float32Array {
+    checkStepIndex(stepIndex, this.timesteps.length);
+    const { alpha, sigma } = noiseLevel(this.sigmaTable[stepIndex]);
+    return mixFloat32(alpha, original, sigma, noise);
+  }
+
   step(modelOutput: Float32Array, stepIndex: number, sample: Float32Array, noise?: NoiseSource): Float32Array {
     checkStepIndex(stepIndex, this.timesteps.length);
     checkSameLength(modelOutput, sample);
-    if (stepIndex === 0) {
+    // A new trajectory: diffusers' lower_order_nums and model_outputs start empty at the begin index.
+    if (stepIndex === this.beginIndex) {
       this.history = [];
       this.lowerOrderCount = 0;
     } else if (stepIndex !== this.nextStep) {

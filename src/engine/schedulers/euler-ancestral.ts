@@ -1,7 +1,7 @@
 // diffusers' EulerAncestralDiscreteScheduler, float32 arithmetic op by op. Every step, the last one
 // included, draws one noise tensor (diffusers calls randn with the pipeline's generator inside step).
 import type { EulerAncestralConfig } from './config.ts';
-import { eulerGrid, predictOriginal, scaleBySigma } from './euler.ts';
+import { addNoiseAtSigma, eulerGrid, predictOriginal, scaleBySigma } from './euler.ts';
 import { f32 } from './numeric.ts';
 import { buildTrainingSchedule } from './training-schedule.ts';
 import { type NoiseSource, type Scheduler, checkSameLength, checkStepIndex, drawNoise } from './types.ts';
@@ -42,6 +42,11 @@ export class EulerAncestralScheduler implements Scheduler {
   scaleModelInput(sample: Float32Array, stepIndex: number): Float32Array {
     checkStepIndex(stepIndex, this.timesteps.length);
     return scaleBySigma(sample, this.sigmaTable[stepIndex]);
+  }
+
+  addNoise(original: Float32Array, noise: Float32Array, stepIndex: number): Float32Array {
+    checkStepIndex(stepIndex, this.timesteps.length);
+    return addNoiseAtSigma(original, noise, this.sigmaTable[stepIndex]);
   }
 
   step(modelOutput: Float32Array, stepIndex: number, sample: Float32Array, noise?: NoiseSource): Float32Array {

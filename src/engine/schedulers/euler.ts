@@ -4,7 +4,7 @@ import { f32, numpyInterp, torchLinspaceFloat32 } from './numeric.ts';
 import { exponentialSigmas, karrasSigmas, logSigmas, sigmaToTimestep, trainingSigmas } from './sigmas.ts';
 import { spacedTimesteps } from './spacing.ts';
 import { buildTrainingSchedule } from './training-schedule.ts';
-import { type Scheduler, checkSameLength, checkStepIndex } from './types.ts';
+import { type Scheduler, checkSameLength, checkSameNoise, checkStepIndex } from './types.ts';
 
 /** What Euler-type set_timesteps needs (Euler ancestral uses the subset it has). */
 export interface EulerGridOptions {
@@ -68,6 +68,13 @@ export function scaleBySigma(sample: Float32Array, sigma: number): Float32Array 
   return sample.map((x) => x / divisor);
 }
 
+/** x₀ + σ·ε in float32 (diffusers' Euler-type add_noise: `original + noise * sigma`). */
+export function addNoiseAtSigma(original: Float32Array, noise: Float32Array, sigma: number): Float32Array {
+  checkSameNoise(noise, original);
+  const s = f32(sigma);
+  return original.map((x, i) => x + f32(noise[i] * s));
+}
+
 export type EulerPrediction = 'epsilon' | 'v_prediction' | 'sample' | 'original_sample';
 
 /** The denoised estimate x̂₀ from a model output at noise level σ. */
@@ -120,6 +127,11 @@ export class EulerScheduler implements Scheduler {
   scaleModelInput(sample: Float32Array, stepIndex: number): Float32Array {
     checkStepIndex(stepIndex, this.timesteps.length);
     return scaleBySigma(sample, this.sigmaTable[stepIndex]);
+  }
+
+  addNoise(original: Float32Array, noise: Float32Array, stepIndex: number): Float32Array {
+    checkStepIndex(stepIndex, this.timesteps.length);
+    return addNoiseAtSigma(original, noise, this.sigmaTable[stepIndex]);
   }
 
   step(modelOutput: Float32Array, stepIndex: number, sample: Float32Array): Float32Array {

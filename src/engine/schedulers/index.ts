@@ -11,6 +11,7 @@ export type { NoiseSource, Scheduler } from './types.ts';
 export { resolveSchedulerConfig, TIMESTEP_SPACINGS } from './config.ts';
 export type { DdimConfig, DpmSolverConfig, EulerAncestralConfig, EulerConfig, SchedulerClassName, TimestepSpacing } from './config.ts';
 export { buildTrainingSchedule, type TrainingSchedule } from './training-schedule.ts';
+export { img2imgSteps, startingAt } from './begin-index.ts';
 export { DdimScheduler, DpmSolverScheduler, EulerAncestralScheduler, EulerScheduler };
 
 /** The diffusers class behind each engine sampler name. */
