@@ -73,6 +73,9 @@ const manifestObject = z.strictObject({
   tokenizer: relPath.default('tokenizer').describe('folder with vocab.json and merges.txt'),
   text_encoder: relPath.default('text_encoder/model.onnx'),
   vae_decoder: relPath.default('vae_decoder/model.onnx'),
+  vae_encoder: relPath
+    .optional()
+    .describe('the VAE encoder graph, for image-to-image (e.g. vae_encoder/model.onnx); without it a package only draws from noise'),
   scheduler: relPath.default('scheduler/scheduler_config.json').describe('diffusers scheduler config'),
   defaults: z.strictObject({
     steps: z.number().int().min(1).max(1000),
@@ -220,6 +223,8 @@ export interface Manifest {
   tokenizer: string;
   textEncoder: string;
   vaeDecoder: string;
+  /** Absolute path of the VAE encoder graph; undefined: no image-to-image. */
+  vaeEncoder?: string;
   schedulerConfig: string;
   defaults: RawManifest['defaults'];
   size: { min: number; max: number };
@@ -276,6 +281,7 @@ export async function loadManifest(dir: string): Promise<Manifest> {
     tokenizer: abs(m.tokenizer),
     textEncoder: abs(m.text_encoder),
     vaeDecoder: abs(m.vae_decoder),
+    vaeEncoder: m.vae_encoder !== undefined ? abs(m.vae_encoder) : undefined,
     schedulerConfig: abs(m.scheduler),
     defaults: m.defaults,
     size,
@@ -294,6 +300,7 @@ async function checkFilesExist(m: Manifest): Promise<void> {
     ['tokenizer merges', path.join(m.tokenizer, 'merges.txt')],
     ['text encoder', m.textEncoder],
     ['VAE decoder', m.vaeDecoder],
+    ...(m.vaeEncoder !== undefined ? [['VAE encoder', m.vaeEncoder] as [string, string]] : []),
     ['scheduler config', m.schedulerConfig],
     ...m.experts.map((e): [string, string] => [`expert "${e.id}" U-Net`, e.unet]),
     ...m.ensembles.map((e): [string, string] => [`ensemble "${e.id}" graph`, e.graph]),
