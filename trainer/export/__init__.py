@@ -5,7 +5,7 @@
     fp16             float16 weight storage, parity rounding, short value names
     ort_check        runs graphs in onnxruntime-node (scripts/ort-run.mjs)
     parity           PyTorch against onnxruntime on the same feeds
-    graphs           the four graph kinds: text encoder, VAE decoder, U-Net, fused AFA ensemble
+    graphs           the graph kinds: text encoder, VAE decoder and encoder, U-Net, fused AFA ensemble
     manifest_schema  a manifest against docs/manifest.schema.json and the rules across its fields
     manifest         manifest.json: validation (the schema's rules, then the package's files) and writing
     package          whole packages (save_package)
@@ -17,7 +17,7 @@ below are the package's API, so that `from trainer.export import save_package` w
 from trainer.export.errors import ExportDriftError, ExportError, ManifestError
 from trainer.export.fp16 import compact_names, round_weights_fp16, store_weights_fp16
 from trainer.export.graphs import (AFAGraph, GraphReport, UNetGraph, export_afa, export_text_encoder, export_unet,
-                                   export_vae_decoder)
+                                   export_vae_decoder, export_vae_encoder)
 from trainer.export.manifest import validate_manifest, write_manifest
 from trainer.export.package import EnsembleSpec, PackageResult, architecture_tag, save_package
 from trainer.export.parity import check_parity
@@ -26,6 +26,6 @@ from trainer.export.spec import package_from_spec
 __all__ = [
     "AFAGraph", "EnsembleSpec", "ExportDriftError", "ExportError", "GraphReport", "ManifestError", "PackageResult",
     "UNetGraph", "architecture_tag", "check_parity", "compact_names", "export_afa", "export_text_encoder",
-    "export_unet", "export_vae_decoder", "package_from_spec", "round_weights_fp16", "save_package",
-    "store_weights_fp16", "validate_manifest", "write_manifest",
+    "export_unet", "export_vae_decoder", "export_vae_encoder", "package_from_spec", "round_weights_fp16",
+    "save_package", "store_weights_fp16", "validate_manifest", "write_manifest",
 ]

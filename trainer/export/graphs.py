@@ -1,5 +1,6 @@
-"""The package's four graph kinds exported from PyTorch modules, each checked after writing: text
-encoder, VAE decoder, U-Net (one expert) and the fused AFA ensemble.
+"""The package's graph kinds exported from PyTorch modules, each checked after writing: text
+encoder, VAE decoder, VAE encoder (optional: image-to-image), U-Net (one expert) and the fused AFA
+ensemble.
 
 Every graph is exported with the TorchScript exporter at opset 17 (dynamic batch and latent size),
 then checked with `onnx.checker` and run in onnxruntime-node (trainer.export.ort_check) on random
@@ -22,7 +23,8 @@ from torch import Tensor, nn
 
 from trainer.export.errors import ExportError
 from trainer.export.fp16 import compact_names, round_weights_fp16, store_weights_fp16
-from trainer.export.onnx_io import file_bytes, graph_signature, save_onnx, torch_export
+from trainer.export.onnx_io import (VAE_ENCODER_AXES, VAEEncoderGraph, file_bytes, graph_signature, save_onnx,
+                                    torch_export)
 from trainer.export.parity import FP32_TOLERANCE, Check, check_parity
 from trainer.models.afa import AFAEnsemble, contribution_map
 from trainer.models.text_encoder import CLIPTextEncoder
@@ -114,7 +116,7 @@ def _finish(graph: str, path: str, module: nn.Module, feed_sets: Sequence[Mappin
 
 
 # ---------------------------------------------------------------------------------------------
-# The four graph kinds
+# The graph kinds
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -154,6 +156,22 @@ def export_vae_decoder(vae: AutoencoderKL, path: str, *, fp16: bool = False, che
                    "sample": {0: "batch", 2: "pixel_height", 3: "pixel_width"}})
     feeds = [{"latent_sample": torch.randn(2, c, 6, 5, generator=_generator(seed))}]
     return _finish("vae_decoder", path, module, feeds, ["sample"], fp16, check, tolerance, compact)
+
+
+def export_vae_encoder(vae: AutoencoderKL, path: str, *, fp16: bool = False, check: Check = "auto",
+                       tolerance: float = FP32_TOLERANCE, seed: int = 0, compact: bool = False) -> GraphReport:
+    """sample [B,3,H,W] in [-1,1] -> latent_parameters [B,2C,h,w]: the posterior's mean, then its logvar
+    (clamped to [-30, 20]), unscaled (the engine multiplies the drawn latent by the scale factor)."""
+    module = VAEEncoderGraph(vae).eval()
+    d = vae.config.downsample_factor
+    channels = vae.config.in_channels
+    torch_export(module, (torch.zeros(1, channels, 8 * d, 8 * d),), path, ["sample"], ["latent_parameters"],
+                 VAE_ENCODER_AXES)
+    g = _generator(seed)
+    # another batch and other (odd) latent sizes than the traced ones; pictures in [-1, 1]
+    feeds = [{"sample": torch.rand(2, channels, 5 * d, 7 * d, generator=g) * 2 - 1},
+             {"sample": torch.rand(1, channels, 3 * d, 2 * d, generator=g) * 2 - 1}]
+    return _finish("vae_encoder", path, module, feeds, ["latent_parameters"], fp16, check, tolerance, compact)
 
 
 def _timestep_example(dtype: str, values: Sequence[float]) -> Tensor:

@@ -54,6 +54,7 @@ def _check_package_files(m: Mapping[str, Any], package_dir: str) -> List[str]:
             resolve(os.path.join(m.get("tokenizer", "tokenizer"), f), "tokenizer")
     text_encoder = resolve(m.get("text_encoder", "text_encoder/model.onnx"), "text_encoder")
     vae = resolve(m.get("vae_decoder", "vae_decoder/model.onnx"), "vae_decoder")
+    encoder = resolve(m["vae_encoder"], "vae_encoder") if "vae_encoder" in m else None
     resolve(m.get("scheduler", "scheduler/scheduler_config.json"), "scheduler")
 
     def needs(path: Optional[str], what: str, inputs: Iterable[str], outputs: Iterable[str]) -> None:
@@ -68,6 +69,12 @@ def _check_package_files(m: Mapping[str, Any], package_dir: str) -> List[str]:
 
     needs(text_encoder, "text_encoder", ["input_ids"], ["last_hidden_state"])
     needs(vae, "vae_decoder", ["latent_sample"], ["sample"])
+    if encoder is not None:
+        needs(encoder, "vae_encoder", ["sample"], [])
+        _, encoder_out = graph_io(encoder)
+        if not {"latent_parameters", "latent_sample"} & set(encoder_out):
+            problems.append(f"vae_encoder graph lacks output 'latent_parameters' (mean and logvar) or 'latent_sample' "
+                            f"(has outputs {sorted(encoder_out)})")
     unet_inputs = ["sample", "timestep", "encoder_hidden_states"]
     for e in m["experts"]:
         base = e.get("path")

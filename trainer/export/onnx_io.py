@@ -1,6 +1,6 @@
 """ONNX files: torch.onnx.export the same way on torch 1.13 and 2.x (the TorchScript exporter at
 opset 17), writing graphs (external data past protobuf's 2 GiB), and reading their inputs and outputs.
-Also the bare single-graph exporters of the text encoder and the VAE decoder (no parity check)."""
+Also the bare single-graph exporters of the text encoder and the VAE decoder and encoder (no parity check)."""
 from __future__ import annotations
 
 import inspect
@@ -118,6 +118,44 @@ def export_vae_decoder_onnx(vae: AutoencoderKL, path, latent_size: int = 8, opse
                 "latent_sample": {0: "batch", 2: "height", 3: "width"},
                 "sample": {0: "batch", 2: "pixel_height", 3: "pixel_width"},
             },
+            opset_version=opset,
+            do_constant_folding=True,
+            **onnx_export_kwargs(),
+        )
+
+
+class VAEEncoderGraph(nn.Module):
+    """The package's vae_encoder graph: sample [B,3,H,W] in [-1,1] -> latent_parameters [B,2C,h,w], the
+    posterior's moments: mean, then logvar, on the channel axis (diffusers' `latent_dist.parameters`,
+    as Optimum exports it). As there, logvar is not yet clamped: the reader clamps it to [-30, 20]
+    (DiagonalGaussianDistribution, AutoencoderKL.encode) and draws the latent."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample: Tensor) -> Tensor:
+        # AutoencoderKL.encode before its chunk and clamp (whose torch.cat would lose the static 2C)
+        return self.vae.quant_conv(self.vae.encoder(sample))
+
+
+VAE_ENCODER_AXES = {"sample": {0: "batch", 2: "pixel_height", 3: "pixel_width"},
+                    "latent_parameters": {0: "batch", 2: "height", 3: "width"}}
+
+
+def export_vae_encoder_onnx(vae: AutoencoderKL, path, latent_size: int = 8, opset: int = 17) -> None:
+    """Write vae_encoder/model.onnx (sample -> latent_parameters) with batch, height and width dynamic."""
+    module = VAEEncoderGraph(vae).eval()
+    side = latent_size * vae.config.downsample_factor
+    example = torch.zeros(1, vae.config.in_channels, side, side)
+    with torch.no_grad():
+        torch.onnx.export(
+            module,
+            (example,),
+            path,
+            input_names=["sample"],
+            output_names=["latent_parameters"],
+            dynamic_axes={k: dict(v) for k, v in VAE_ENCODER_AXES.items()},
             opset_version=opset,
             do_constant_folding=True,
             **onnx_export_kwargs(),

@@ -13,7 +13,7 @@ from torch import nn
 
 from trainer.export.errors import ExportError
 from trainer.export.graphs import (GraphReport, export_afa, export_text_encoder, export_unet, export_vae_decoder,
-                                   text_dim)
+                                   export_vae_encoder, text_dim)
 from trainer.export.manifest import FORMAT, FORMAT_VERSION, write_manifest
 from trainer.export.parity import Check
 from trainer.models.afa import AFAEnsemble
@@ -68,13 +68,15 @@ def save_package(out_dir: str, tokenizer_dir: str, text_encoder: CLIPTextEncoder
                  ensembles: Mapping[str, Union[AFAEnsemble, EnsembleSpec]],
                  scheduler_config: Mapping[str, Any], manifest_fields: Mapping[str, Any], *,
                  fp16: bool = False, timestep_int64: Iterable[str] = (), attention_mask: bool = False,
-                 check: Check = "auto", compact: bool = False, log=print) -> PackageResult:
+                 check: Check = "auto", compact: bool = False, vae_encoder: bool = True,
+                 log=print) -> PackageResult:
     """Exports everything into out_dir and writes a validated manifest.json.
 
     manifest_fields: name (required), version, description, defaults (required), size, limits,
     display; `experts` / `ensembles`: {id: {title, description, architecture / subsets}} overrides.
     timestep_int64: ids of experts (or ensembles) whose graph takes timestep int64 [B].
     compact: short intermediate value names (see compact_names), for small graphs.
+    vae_encoder: also export the VAE's encoder (vae_encoder/model.onnx), which image-to-image needs.
     """
     int64_ids = set(timestep_int64)
     fields = dict(manifest_fields)
@@ -103,6 +105,9 @@ def save_package(out_dir: str, tokenizer_dir: str, text_encoder: CLIPTextEncoder
                                fp16=fp16, check=check, compact=compact))
     record(export_vae_decoder(vae, os.path.join(out_dir, "vae_decoder", "model.onnx"), fp16=fp16, check=check,
                               compact=compact))
+    if vae_encoder:
+        record(export_vae_encoder(vae, os.path.join(out_dir, "vae_encoder", "model.onnx"), fp16=fp16, check=check,
+                                  compact=compact))
     _write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"), dict(scheduler_config))
 
     text_width = text_encoder.config.hidden_size
@@ -154,9 +159,11 @@ def save_package(out_dir: str, tokenizer_dir: str, text_encoder: CLIPTextEncoder
         "tokenizer": "tokenizer",
         "text_encoder": "text_encoder/model.onnx",
         "vae_decoder": "vae_decoder/model.onnx",
-        "scheduler": "scheduler/scheduler_config.json",
-        "defaults": fields.pop("defaults"),
     }
+    if vae_encoder:
+        manifest["vae_encoder"] = "vae_encoder/model.onnx"
+    manifest["scheduler"] = "scheduler/scheduler_config.json"
+    manifest["defaults"] = fields.pop("defaults")
     for key in ("size", "limits", "display"):
         if key in fields:
             manifest[key] = fields.pop(key)

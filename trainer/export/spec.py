@@ -34,7 +34,8 @@ def package_from_spec(spec_path: str, out_dir: str, *, fp16: bool = False, check
                       "timestep": "int64"?}],
          "ensembles": [{"id": "trio", "title": "…", "experts": ["curves", …], "afa": "runs/trio/final",
                         "subsets": true}],
-         "defaults": {…}, "size": {…}, "limits": {…}?, "display": {…}?, "attention_mask": false}
+         "defaults": {…}, "size": {…}, "limits": {…}?, "display": {…}?, "attention_mask": false,
+         "vae_encoder": true  (false: no vae_encoder graph, so no image-to-image)}
     """
     with open(spec_path, encoding="utf-8") as f:
         spec = json.load(f)
@@ -68,7 +69,8 @@ def package_from_spec(spec_path: str, out_dir: str, *, fp16: bool = False, check
     fields["experts"] = expert_fields
     return save_package(out_dir, _resolve(base, spec["tokenizer"]), text_encoder, vae, experts, ensembles,
                         scheduler, fields, fp16=fp16, timestep_int64=int64_ids,
-                        attention_mask=bool(spec.get("attention_mask", False)), check=check, log=log)
+                        attention_mask=bool(spec.get("attention_mask", False)), check=check,
+                        vae_encoder=bool(spec.get("vae_encoder", True)), log=log)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -289,6 +289,10 @@ def test_cli_builds_a_package_from_model_folders(tmp_path):
     assert [e["id"] for e in manifest["experts"]] == ["a", "b"] and manifest["experts"][0]["title"] == "A"
     assert manifest["experts"][0]["architecture"] == manifest["experts"][1]["architecture"]
     assert manifest["ensembles"][0]["subsets"] is False
+    # the VAE's encoder too (image-to-image), after the decoder
+    assert manifest["vae_encoder"] == "vae_encoder/model.onnx"
+    assert list(manifest).index("vae_encoder") == list(manifest).index("vae_decoder") + 1
+    assert list(graph_signature(str(out / "vae_encoder" / "model.onnx"))[1]) == ["latent_parameters"]
     # without subsets the fused graph has no expert_mask input
     duo_inputs = graph_signature(str(out / "ensembles" / "duo" / "model.onnx"))[0]
     assert list(duo_inputs) == ["sample", "timestep", "encoder_hidden_states"]
