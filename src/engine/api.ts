@@ -34,7 +34,24 @@ export interface GenerateRequest {
    * VAE, then upscaled to the image size), not a VAE decode: blurrier and less exact in colour.
    */
   preview?: boolean;
+  /**
+   * Image-to-image: start from this picture instead of pure noise (diffusers'
+   * StableDiffusionImg2ImgPipeline). It must already be `width` × `height` (the request's size, or
+   * the package's default): resizing and cropping are the caller's job. Needs a package with a VAE
+   * encoder (`PackageInfo.img2img`).
+   */
+  initImage?: RgbImage;
+  /**
+   * Image-to-image only: how much of the picture is redrawn, in (0, 1] (default 0.8, as diffusers).
+   * The last ⌊steps · strength⌋ of the `steps` timesteps run, starting from the image noised to the
+   * first of them; 1 starts from the noisiest timestep (a zero-terminal-SNR schedule then keeps
+   * nothing of the image), small values keep it nearly as it is.
+   */
+  strength?: number;
 }
+
+/** Image-to-image's default strength (diffusers' StableDiffusionImg2ImgPipeline). */
+export const DEFAULT_STRENGTH = 0.8;
 
 export interface RgbImage {
   width: number;
@@ -78,6 +95,8 @@ export interface ResolvedParams {
   count: number;
   /** Package name and version, e.g. `demo@1.0.0`. */
   model: string;
+  /** Image-to-image only: the strength used (absent when drawing from noise). `steps` stays the number requested. */
+  strength?: number;
   /** Content words dropped because the prompt was longer than 75 tokens. */
   truncatedWords: string[];
 }
@@ -86,12 +105,21 @@ export interface GenerateResult {
   params: ResolvedParams;
   images: GeneratedImage[];
   /** runMs: time inside onnxruntime's session.run (all graphs); denoiseRunMs: the part spent in the denoising loop. */
-  timings: { totalMs: number; denoiseMs: number; decodeMs: number; runMs: number; denoiseRunMs: number };
+  timings: {
+    totalMs: number;
+    denoiseMs: number;
+    decodeMs: number;
+    runMs: number;
+    denoiseRunMs: number;
+    /** Image-to-image only: time spent encoding the init image (VAE encoder and the noising). */
+    encodeMs?: number;
+  };
   warnings: string[];
 }
 
 export interface ProgressEvent {
   step: number;
+  /** Steps that run: the request's steps, or with an init image only ⌊steps · strength⌋ of them. */
   steps: number;
   /** Image 0 so far, at the image's size, when the request asked for previews (see GenerateRequest.preview). */
   preview?: RgbImage;
@@ -121,6 +149,8 @@ export interface PackageInfo {
   display?: { width: number; height: number };
   /** Expert id → architecture tag; experts with equal tags can be merged (absent: unknown). */
   architectures?: Record<string, string | undefined>;
+  /** Whether requests may carry an `initImage` (the package has a VAE encoder); absent: no. */
+  img2img?: boolean;
   executionProvider: string;
 }
 

@@ -52,6 +52,7 @@ export class ModelPackage {
       limits: { ...m.limits },
       display: m.display,
       architectures: Object.fromEntries(m.experts.map((e) => [e.id, e.architecture])),
+      img2img: m.vaeEncoder !== undefined,
       executionProvider: this.options.executionProvider,
     };
   }

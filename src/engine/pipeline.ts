@@ -15,9 +15,10 @@ import { encodePrompt, repeatForBatch, truncationWarnings } from './pipeline/pro
 import { echoParams } from './pipeline/resolved-params.ts';
 import { GenerationTimer } from './pipeline/timings.ts';
 import { VaeDecoder } from './pipeline/vae-decoder.ts';
+import { img2imgLatents, VaeEncoder } from './pipeline/vae-encoder.ts';
 import { LatentRgbApproximation } from './preview.ts';
 import { resolveRequest } from './resolve.ts';
-import { createScheduler } from './schedulers/index.ts';
+import { createScheduler, startingAt } from './schedulers/index.ts';
 
 export interface GenerateOptions extends GenerateCallOptions {
   /** Polled between steps, for hosts that cannot deliver an AbortSignal in time (worker threads). */
@@ -47,6 +48,7 @@ export class Engine {
   async warmUp(): Promise<void> {
     const m = this.pkg.manifest;
     const files = new Set([m.textEncoder, m.vaeDecoder, ...m.experts.map((e) => e.unet), ...m.ensembles.map((e) => e.graph)]);
+    if (m.vaeEncoder !== undefined) files.add(m.vaeEncoder);
     for (const e of m.experts) if (e.textEncoder) files.add(e.textEncoder);
     for (const f of files) await this.pkg.session(f);
     await this.pkg.tokenizer();
@@ -65,14 +67,23 @@ export class Engine {
     // 2. Encode the prompt and the negative prompt ([uncond; cond] per text encoder).
     const prompt = await encodePrompt(this.pkg, req);
 
-    // 3. Prepare the denoiser (one expert, an average, a merge or an AFA ensemble) and the timesteps.
+    // 3. Prepare the denoiser (one expert, an average, a merge or an AFA ensemble) and the timesteps;
+    //    image-to-image runs only the last ⌊steps · strength⌋ of them (diffusers' get_timesteps).
     const denoiser = await createDenoiser(this.pkg, req);
-    const scheduler = createScheduler(req.scheduler, await this.pkg.schedulerConfig(), req.steps, { karras: req.karras });
+    const fullSchedule = createScheduler(req.scheduler, await this.pkg.schedulerConfig(), req.steps, { karras: req.karras });
+    const scheduler = req.img2img ? startingAt(fullSchedule, req.img2img.beginIndex) : fullSchedule;
 
-    // 4. Prepare the latents: torch-compatible seeded noise, image i from seed + i.
+    // 4. Prepare the latents: torch-compatible seeded noise, image i from seed + i; image-to-image
+    //    starts from the init image's latent noised to the first timestep that runs.
     const shape = latentShape(this.pkg.manifest, req);
     const noise = new SeededNoise(req.seed, shape);
-    const initialLatents = noise.initialLatents(scheduler.initNoiseSigma);
+    const img2img = req.img2img;
+    const initialLatents = img2img
+      ? await timer.encoding(async () => {
+          const posterior = await (await VaeEncoder.open(this.pkg)).encode(img2img.image);
+          return img2imgLatents(posterior, shape, this.pkg.manifest.latent.scaleFactor, noise, scheduler);
+        })
+      : noise.initialLatents(scheduler.initNoiseSigma);
 
     // 5. Progress reporting, with cheap previews of image 0 when asked.
     const progress = options.onProgress && (await this.progressReporter(options.onProgress, req.preview, shape, scheduler.timesteps.length));

@@ -1,7 +1,17 @@
 // Turns a GenerateRequest into fully specified parameters, or a clear EngineError saying what is wrong.
-import { EngineError, MODES, SCHEDULER_NAMES, type GenerateRequest, type Mode, type SchedulerName } from './api.ts';
+import {
+  DEFAULT_STRENGTH,
+  EngineError,
+  MODES,
+  SCHEDULER_NAMES,
+  type GenerateRequest,
+  type Mode,
+  type RgbImage,
+  type SchedulerName,
+} from './api.ts';
 import type { EnsembleEntry, ExpertEntry } from './manifest.ts';
 import type { ModelPackage } from './model-package.ts';
+import { img2imgSteps } from './schedulers/index.ts';
 
 export const MAX_SEED = Number.MAX_SAFE_INTEGER;
 export const MAX_GUIDANCE = 30;
@@ -23,7 +33,20 @@ export interface ResolvedRequest {
   height: number;
   contributions: boolean;
   preview: boolean;
+  /** Image-to-image: the picture to start from, and where in the schedule the run begins. */
+  img2img?: Img2ImgStart;
 }
+
+export interface Img2ImgStart {
+  image: RgbImage;
+  strength: number;
+  /** diffusers' t_start: the index of the first of the scheduler's timesteps that runs. */
+  beginIndex: number;
+  /** steps − beginIndex: the denoising steps that run. */
+  stepsRun: number;
+}
+
+export const NO_VAE_ENCODER = 'This model package has no VAE encoder, so image-to-image is not available.';
 
 function bad(message: string): EngineError {
   return new EngineError('bad_request', message);
@@ -104,9 +127,43 @@ function chooseModels(pkg: ModelPackage, req: GenerateRequest): Pick<ResolvedReq
   return { mode, experts, weights };
 }
 
+/** The init image and strength of an image-to-image request, checked against the package and the size drawn. */
+function resolveImg2Img(pkg: ModelPackage, req: GenerateRequest, size: { width: number; height: number; steps: number }): Img2ImgStart | undefined {
+  if (req.initImage === undefined || req.initImage === null) {
+    if (req.strength !== undefined) throw bad('Strength only applies to image-to-image: give an init image too.');
+    return undefined;
+  }
+  if (pkg.manifest.vaeEncoder === undefined) throw bad(NO_VAE_ENCODER);
+  const image = req.initImage as Partial<RgbImage>;
+  const { width, height } = size;
+  if (typeof image !== 'object' || !Number.isInteger(image.width) || !Number.isInteger(image.height) || !(image.data instanceof Uint8Array)) {
+    throw bad('The init image must be an RGB image: { width, height, data: Uint8Array } with 3 bytes per pixel, row by row.');
+  }
+  if (image.width !== width || image.height !== height) {
+    throw bad(
+      `The init image is ${image.width}×${image.height} pixels but this request draws ${width}×${height}: resize or crop it to ${width}×${height} first.`,
+    );
+  }
+  if (image.data!.length !== width * height * 3) {
+    throw bad(`The init image has ${image.data!.length} bytes; ${width}×${height} RGB needs ${width * height * 3} (3 per pixel).`);
+  }
+  const strength = req.strength ?? DEFAULT_STRENGTH;
+  if (typeof strength !== 'number' || !Number.isFinite(strength) || strength <= 0 || strength > 1) {
+    throw bad(`Strength must be greater than 0 and at most 1 (got ${JSON.stringify(strength)}).`);
+  }
+  const { beginIndex, stepsRun } = img2imgSteps(size.steps, strength);
+  if (stepsRun === 0) {
+    throw bad(
+      `Strength ${strength} of ${size.steps} steps runs no denoising step (⌊${size.steps} × ${strength}⌋ = 0): raise the strength or the steps.`,
+    );
+  }
+  return { image: image as RgbImage, strength, beginIndex, stepsRun };
+}
+
 export function resolveRequest(pkg: ModelPackage, req: GenerateRequest): ResolvedRequest {
   const m = pkg.manifest;
   if (typeof req.prompt !== 'string' || req.prompt.trim() === '') throw bad('The prompt is empty.');
+  if (req.initImage !== undefined && req.initImage !== null && m.vaeEncoder === undefined) throw bad(NO_VAE_ENCODER);
   const models = chooseModels(pkg, req);
   const scheduler = (req.scheduler ?? m.defaults.scheduler) as SchedulerName;
   if (!SCHEDULER_NAMES.includes(scheduler)) {
@@ -118,7 +175,7 @@ export function resolveRequest(pkg: ModelPackage, req: GenerateRequest): Resolve
     if (v % multiple !== 0) throw bad(`${name} must be a multiple of ${multiple} (got ${v}).`);
     return v;
   };
-  return {
+  const resolved: ResolvedRequest = {
     prompt: req.prompt.trim(),
     negative: (req.negative ?? '').trim(),
     ...models,
@@ -133,4 +190,7 @@ export function resolveRequest(pkg: ModelPackage, req: GenerateRequest): Resolve
     contributions: req.contributions ?? false,
     preview: req.preview ?? false,
   };
+  const img2img = resolveImg2Img(pkg, req, resolved);
+  if (img2img) resolved.img2img = img2img;
+  return resolved;
 }

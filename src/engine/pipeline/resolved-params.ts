@@ -3,7 +3,7 @@ import type { ResolvedParams } from '../api.ts';
 import type { ResolvedRequest } from '../resolve.ts';
 
 export function echoParams(req: ResolvedRequest, model: string, truncatedWords: string[]): ResolvedParams {
-  return {
+  const params: ResolvedParams = {
     prompt: req.prompt,
     negative: req.negative,
     mode: req.mode,
@@ -22,4 +22,6 @@ export function echoParams(req: ResolvedRequest, model: string, truncatedWords: 
     model,
     truncatedWords,
   };
+  if (req.img2img) params.strength = req.img2img.strength;
+  return params;
 }

@@ -8,6 +8,7 @@ export class GenerationTimer {
   private denoiseMs = 0;
   private denoiseRunMs = 0;
   private decodeMs = 0;
+  private encodeMs: number | undefined;
 
   private constructor(
     private readonly pkg: ModelPackage,
@@ -29,6 +30,14 @@ export class GenerationTimer {
     return result;
   }
 
+  /** Runs image-to-image's encoding of the init image, timing it. */
+  async encoding<T>(encode: () => Promise<T>): Promise<T> {
+    const started = performance.now();
+    const result = await encode();
+    this.encodeMs = performance.now() - started;
+    return result;
+  }
+
   /** Runs the final decode, timing it. */
   async decoding<T>(decode: () => Promise<T>): Promise<T> {
     const started = performance.now();
@@ -39,8 +48,10 @@ export class GenerationTimer {
 
   async finish(): Promise<GenerationTimings> {
     const runMs = (await runMsSoFar(this.pkg)) - this.runMsAtStart;
-    const { denoiseMs, decodeMs, denoiseRunMs } = this;
-    return { totalMs: performance.now() - this.startedAt, denoiseMs, decodeMs, runMs, denoiseRunMs };
+    const { denoiseMs, decodeMs, denoiseRunMs, encodeMs } = this;
+    const timings: GenerationTimings = { totalMs: performance.now() - this.startedAt, denoiseMs, decodeMs, runMs, denoiseRunMs };
+    if (encodeMs !== undefined) timings.encodeMs = encodeMs;
+    return timings;
   }
 }
 

@@ -4,4 +4,5 @@ export { formatParameters, parseParameters, type ParsedParameters } from './para
 export { renderContributionPanel, type PanelOptions } from './panel.ts';
 export { renderGrid, type GridOptions, type GridTile } from './grid.ts';
 export { rgbFromFloat } from './rgb.ts';
+export { loadRgbImage } from './load.ts';
 export type { ColormapName } from './colormap.ts';

@@ -48,6 +48,8 @@ export function formatParameters(params: ResolvedParams): string {
     ['Seed', String(params.seed)],
     ['Size', `${params.width}x${params.height}`],
     ['Model', params.model],
+    // A1111's img2img key, after the model as there; absent when drawing from noise.
+    ['Denoising strength', params.strength !== undefined ? String(params.strength) : undefined],
     ['Ensemble', params.ensemble],
     ['Experts', params.experts.length > 0 ? params.experts.join('+') : undefined],
     ['Weights', params.weights && params.weights.length > 0 ? params.weights.map(formatWeight).join('+') : undefined],
@@ -75,6 +77,8 @@ export interface ParsedParameters {
   width?: number;
   height?: number;
   model?: string;
+  /** `Denoising strength`: image-to-image's strength. */
+  strength?: number;
   mode?: Mode;
   ensemble?: string;
   experts?: string[];
@@ -152,6 +156,7 @@ export function parseParameters(text: string): ParsedParameters {
     parsed.height = Number(size[2]);
   }
   parsed.model = fields['Model'];
+  parsed.strength = parseNumber(fields['Denoising strength']);
   const mode = fields['Mode'];
   parsed.mode = MODES.find((candidate) => candidate === mode);
   parsed.ensemble = fields['Ensemble'];
