@@ -6,6 +6,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
 import { promisify } from 'node:util';
+import sharp from 'sharp';
 import { parseParameters, readPngText } from '../src/engine/render/index.ts';
 import { REPO_ROOT, TINY } from './helpers/fixture.ts';
 
@@ -71,6 +72,36 @@ test('bad input exits with a one-line message, no stack trace', async () => {
     assert.equal(r.code, 2, `${args.join(' ')}: ${r.stderr}`);
     assert.match(r.stderr, pattern);
     assert.doesNotMatch(r.stderr, /\n\s+at /, 'no stack trace');
+  }
+});
+
+test('imagine --image starts from a picture of any size (fitted to the size drawn), --strength sets how much is redrawn', async () => {
+  const out = await mkdtemp(path.join(os.tmpdir(), 'imagine-'));
+  const picture = path.join(out, 'start.png');
+  // 50×40 with transparency: scaled to cover 32×32, centre-cropped, flattened onto white
+  await sharp({ create: { width: 50, height: 40, channels: 4, background: { r: 200, g: 30, b: 30, alpha: 0.5 } } }).png().toFile(picture);
+  const r = await cli('imagine.ts', ['a red circle', '--experts', 'alpha', '--seed', '4', '--steps', '6', '--image', picture, '--strength', '0.5', '--out', out, '--json']);
+  assert.equal(r.code, 0, r.stderr);
+  const report = JSON.parse(r.stdout.trim().split('\n').pop()!);
+  const params = parseParameters(readPngText(await readFile(report.images[0].path)).parameters);
+  assert.equal(params.strength, 0.5);
+  assert.equal(params.steps, 6);
+  assert.equal(params.width, 32);
+  const again = await cli('imagine.ts', ['a red circle', '--experts', 'alpha', '--seed', '4', '--steps', '6', '--image', picture, '--strength', '0.5', '--out', path.join(out, 'again'), '--json']);
+  const first = await sharp(report.images[0].path).raw().toBuffer();
+  const second = await sharp(JSON.parse(again.stdout.trim().split('\n').pop()!).images[0].path).raw().toBuffer();
+  assert.ok(first.equals(second), 'same seed, same picture');
+
+  const errors: [string[], RegExp][] = [
+    [['x', '--strength', '0.5'], /--strength needs --image/],
+    [['x', '--image', path.join(out, 'missing.png')], /Cannot read the image .*missing\.png/],
+    [['x', '--image', picture, '--strength', '1.5'], /Strength must be greater than 0 and at most 1/],
+    [['x', '--image', picture, '--strength', 'lots'], /--strength must be a number/],
+  ];
+  for (const [args, pattern] of errors) {
+    const e = await cli('imagine.ts', args);
+    assert.equal(e.code, 2, `${args.join(' ')}: ${e.stderr}`);
+    assert.match(e.stderr, pattern);
   }
 });
 

@@ -5,12 +5,14 @@ import { parseArgs } from 'node:util';
 import { SCHEDULER_NAMES, type GenerateRequest, type GenerateResult, type Mode, type SchedulerName } from '../engine/api.ts';
 import { MODE_LABELS } from '../engine/labels.ts';
 import { Engine } from '../engine/pipeline.ts';
-import { encodePng, renderContributionPanel, renderGrid } from '../engine/render/index.ts';
+import { encodePng, loadRgbImage, renderContributionPanel, renderGrid } from '../engine/render/index.ts';
 import { defaultModelDir, exitWithError, parseNumber, UsageError } from './args.ts';
 
 const USAGE = `usage: npm run imagine -- "<prompt>" [--model-dir DIR] [--ensemble ID | --experts a,b[,c] --mode single|average|merge [--weights w1,w2,…]]
        [--seed N] [--steps N] [--guidance F] [--scheduler ${SCHEDULER_NAMES.join('|')}] [--karras] [--negative TEXT]
-       [--count N] [--width N --height N] [--contributions] [--compare] [--prompts FILE] [--out DIR] [--json]`;
+       [--count N] [--width N --height N] [--image FILE [--strength F]] [--contributions] [--compare] [--prompts FILE] [--out DIR] [--json]
+  --image starts from a picture (image-to-image; scaled and centre-cropped to the size drawn);
+  --strength in (0, 1] is how much of it is redrawn (default 0.8).`;
 
 const { values, positionals } = (() => {
   try {
@@ -31,6 +33,8 @@ const { values, positionals } = (() => {
         count: { type: 'string' },
         width: { type: 'string' },
         height: { type: 'string' },
+        image: { type: 'string' },
+        strength: { type: 'string' },
         contributions: { type: 'boolean' },
         compare: { type: 'boolean' },
         prompts: { type: 'string' },
@@ -91,6 +95,24 @@ async function main(): Promise<void> {
     throw new UsageError(`--scheduler must be one of ${SCHEDULER_NAMES.join(', ')} (got "${values.scheduler}").`);
   }
   const seed = parseNumber('seed', values.seed) ?? Math.floor(Math.random() * 2 ** 32);
+  const width = parseNumber('width', values.width);
+  const height = parseNumber('height', values.height);
+  const strength = parseNumber('strength', values.strength);
+  if (strength !== undefined && !values.image) throw new UsageError('--strength needs --image (the picture to start from).');
+  let initImage: GenerateRequest['initImage'];
+  if (values.image) {
+    if (!info.img2img) throw new UsageError(`${info.name} has no VAE encoder, so --image (image-to-image) is not available.`);
+    const w = width ?? info.defaults.width;
+    const h = height ?? info.defaults.height;
+    // Sizes the engine would refuse are reported by the engine, not by a failed resize.
+    if ([w, h].every((n) => Number.isInteger(n) && n > 0 && n <= 4096)) {
+      try {
+        initImage = await loadRgbImage(values.image, w, h);
+      } catch (err) {
+        throw new UsageError(`Cannot read the image ${values.image}: ${(err as Error).message}`);
+      }
+    }
+  }
   const base: Omit<GenerateRequest, 'prompt'> = {
     mode,
     ensemble,
@@ -103,9 +125,10 @@ async function main(): Promise<void> {
     scheduler: values.scheduler as SchedulerName | undefined,
     karras: values.karras ?? false,
     count: parseNumber('count', values.count),
-    width: parseNumber('width', values.width),
-    height: parseNumber('height', values.height),
+    width,
+    height,
     contributions: values.contributions ?? false,
+    ...(initImage ? { initImage, strength } : {}),
   };
   const outDir = path.resolve(values.out ?? 'out');
   await mkdir(outDir, { recursive: true });
