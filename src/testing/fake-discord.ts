@@ -19,6 +19,7 @@ export function snowflake(): string {
 }
 
 export const PERMISSIONS = {
+  manageGuild: 1n << 5n,
   manageMessages: 1n << 13n,
   sendMessages: 1n << 11n,
   viewChannel: 1n << 10n,
@@ -36,6 +37,13 @@ export interface FakeUser {
   id: string;
   username: string;
   bot?: boolean;
+  /** Role ids this user has as a member of the server (see FakeDiscord.role). */
+  roles?: string[];
+}
+
+export interface FakeRole {
+  id: string;
+  name: string;
 }
 
 export interface FakeAttachment {
@@ -97,7 +105,13 @@ export type OptionValue = string | number | boolean;
 interface CommandOptionDefinition {
   name: string;
   type: number;
+  /** A subcommand's (type 1) or subcommand group's (type 2) own options. */
+  options?: CommandOptionDefinition[];
 }
+
+/** Option types whose values Discord also sends as resolved objects. */
+const USER_OPTION = 6;
+const ROLE_OPTION = 8;
 interface CommandDefinition {
   name: string;
   options?: CommandOptionDefinition[];
@@ -208,6 +222,7 @@ export class FakeDiscord {
   private readonly gatewaySessions = new Set<string>();
   private readonly interactionsByToken = new Map<string, FakeInteraction>();
   private readonly users = new Map<string, FakeUser>();
+  private readonly roles: FakeRole[] = [];
   private readonly commandIds = new Map<string, string>();
   private readonly failures: FailureRule[] = [];
   private readonly sockets = new Set<{ ws: ServerWebSocket; seq: number; identified: boolean }>();
@@ -247,10 +262,18 @@ export class FakeDiscord {
     this.commands = commands;
   }
 
-  user(username: string): FakeUser {
-    const user = { id: snowflake(), username };
+  user(username: string, options: { roles?: string[] } = {}): FakeUser {
+    const user: FakeUser = { id: snowflake(), username, ...(options.roles ? { roles: [...options.roles] } : {}) };
     this.users.set(user.id, user);
     return user;
+  }
+
+  /** Creates a role in the server (GUILD_ROLE_CREATE); give it to users with `user(name, { roles })`. */
+  role(name: string): FakeRole {
+    const role = { id: snowflake(), name };
+    this.roles.push(role);
+    this.dispatch('GUILD_ROLE_CREATE', { guild_id: this.guildId, role: this.roleJson(role, this.roles.length) });
+    return role;
   }
 
   failRequests(rule: FailureRule): void {
@@ -268,7 +291,11 @@ export class FakeDiscord {
 
   // ---- driving the bot -------------------------------------------------------------------------
 
-  /** Sends a chat-input command; options are typed from the command definitions. */
+  /**
+   * Sends a chat-input command; options are typed from the command definitions. A subcommand goes
+   * after the command's name, as Discord shows it: `slash('admin quota', { jobs: 2 })`. User and role
+   * options take ids, and come with their resolved users, members and roles.
+   */
   slash(
     name: string,
     options: Record<string, OptionValue | undefined> = {},
@@ -710,20 +737,53 @@ export class FakeDiscord {
     focused: string | undefined,
     by: { user: FakeUser; channelId?: string; permissions?: bigint },
   ): FakeInteraction {
-    const definition = this.commands.find((c) => c.name === name);
-    if (!definition) throw new Error(`unknown command /${name}; call setCommands first`);
-    if (!this.commandIds.has(name)) this.commandIds.set(name, snowflake());
+    const [commandName, ...path] = name.split(' ');
+    const definition = this.commands.find((c) => c.name === commandName);
+    if (!definition) throw new Error(`unknown command /${commandName}; call setCommands first`);
+    if (!this.commandIds.has(commandName)) this.commandIds.set(commandName, snowflake());
     const interaction = this.newInteraction(type, by.user, by.channelId ?? this.channelId);
-    const optionJson = Object.entries(options)
+    // The subcommand (group) path: each level wraps the options of the next.
+    const levels: CommandOptionDefinition[] = [];
+    let scope: CommandOptionDefinition[] | undefined = definition.options;
+    for (const part of path) {
+      const level = scope?.find((o) => o.name === part && (o.type === 1 || o.type === 2));
+      if (!level) throw new Error(`/${commandName} has no subcommand ${part}`);
+      levels.push(level);
+      scope = level.options;
+    }
+    const resolved: { users: Record<string, unknown>; members: Record<string, unknown>; roles: Record<string, unknown> } = {
+      users: {},
+      members: {},
+      roles: {},
+    };
+    let optionJson: Record<string, unknown>[] = Object.entries(options)
       .filter(([, value]) => value !== undefined)
       .map(([optionName, value]) => {
-        const option = definition.options?.find((o) => o.name === optionName);
+        const option = scope?.find((o) => o.name === optionName);
         if (!option) throw new Error(`/${name} has no option ${optionName}`);
+        if (option.type === USER_OPTION) {
+          const user = this.users.get(String(value)) ?? { id: String(value), username: `user-${String(value)}` };
+          resolved.users[user.id] = this.userJson(user);
+          const { user: _user, ...member } = this.memberJson(user, MEMBER_PERMISSIONS);
+          resolved.members[user.id] = member;
+        } else if (option.type === ROLE_OPTION) {
+          const index = this.roles.findIndex((r) => r.id === String(value));
+          if (index >= 0) resolved.roles[this.roles[index].id] = this.roleJson(this.roles[index], index + 1);
+        }
         return { name: optionName, type: option.type, value, ...(optionName === focused ? { focused: true } : {}) };
       });
+    for (const level of [...levels].reverse()) optionJson = [{ name: level.name, type: level.type, options: optionJson }];
+    const hasResolved = Object.values(resolved).some((entries) => Object.keys(entries).length > 0);
     this.dispatch('INTERACTION_CREATE', {
       ...this.interactionBase(interaction, by.permissions),
-      data: { id: this.commandIds.get(name), name, type: 1, options: optionJson, guild_id: this.guildId },
+      data: {
+        id: this.commandIds.get(commandName),
+        name: commandName,
+        type: 1,
+        options: optionJson,
+        guild_id: this.guildId,
+        ...(hasResolved ? { resolved } : {}),
+      },
     });
     return interaction;
   }
@@ -864,13 +924,28 @@ export class FakeDiscord {
   private memberJson(user: FakeUser, permissions: bigint): Record<string, unknown> {
     return {
       user: this.userJson(user),
-      roles: [],
+      roles: [...(user.roles ?? [])],
       joined_at: new Date(0).toISOString(),
       deaf: false,
       mute: false,
       flags: 0,
       pending: false,
       permissions: String(permissions),
+    };
+  }
+
+  /** @everyone has the members' permissions; other roles add none. */
+  private roleJson(role: FakeRole, position: number): Record<string, unknown> {
+    return {
+      id: role.id,
+      name: role.name,
+      permissions: String(role.id === this.guildId ? MEMBER_PERMISSIONS : 0n),
+      position,
+      color: 0,
+      hoist: false,
+      managed: false,
+      mentionable: false,
+      flags: 0,
     };
   }
 
@@ -904,19 +979,7 @@ export class FakeDiscord {
       verification_level: 0,
       default_message_notifications: 0,
       explicit_content_filter: 0,
-      roles: [
-        {
-          id: this.guildId,
-          name: '@everyone',
-          permissions: String(MEMBER_PERMISSIONS),
-          position: 0,
-          color: 0,
-          hoist: false,
-          managed: false,
-          mentionable: false,
-          flags: 0,
-        },
-      ],
+      roles: [this.roleJson({ id: this.guildId, name: '@everyone' }, 0), ...this.roles.map((role, i) => this.roleJson(role, i + 1))],
       emojis: [],
       stickers: [],
       features: [],

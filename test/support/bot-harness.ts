@@ -32,6 +32,8 @@ export interface HarnessOptions {
   fake?: FakeDiscord;
   dataDir?: string;
   tokenLifetimeMs?: number;
+  /** The bot's clock for jobs and daily quotas (tests move days on it); Date.now when absent. */
+  clock?: () => number;
 }
 
 export class BotHarness {
@@ -65,6 +67,7 @@ export class BotHarness {
       config,
       engineFactory: options.engine ?? createTestEngine,
       messenger: { retryDelayMs: 20, ...(options.tokenLifetimeMs ? { tokenLifetimeMs: options.tokenLifetimeMs } : {}) },
+      clock: options.clock,
     });
   }
 

@@ -106,9 +106,10 @@ function pause(_interaction: ChatInputCommandInteraction, ctx: BotContext, guild
 }
 
 function resume(_interaction: ChatInputCommandInteraction, ctx: BotContext, guildId: string): string {
+  // Counted first: resuming may start some at once.
+  const waiting = ctx.jobs.viewOfGuild(guildId).jobs.filter((j) => j.state === 'waiting').length;
   if (!ctx.guilds.setPaused(guildId, false, ctx.now())) return 'The queue is not paused.';
   ctx.jobs.pauseChanged();
-  const waiting = ctx.jobs.viewOfGuild(guildId).jobs.filter((j) => j.state === 'waiting').length;
   return `▶️ Resumed; ${plural(waiting, 'waiting job')} from this server can start.`;
 }
 
