@@ -78,6 +78,18 @@ const MIGRATIONS: readonly string[] = [
   );
   CREATE INDEX jobs_user_day ON jobs(user_id, guild_id, created_at);
   `,
+  // 4: image-to-image. The pictures jobs need to run again after a restart, as PNG: a job's init image
+  // (role 'init', index 0: already fitted to the request's size, or a result that the job scales up)
+  // and a finished job's results (role 'result', one per image), which Vary and Upscale start from.
+  `
+  CREATE TABLE job_images (
+    job_id TEXT NOT NULL,
+    role TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    png BLOB NOT NULL,
+    PRIMARY KEY (job_id, role, idx)
+  );
+  `,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;

@@ -2,8 +2,14 @@ import type { GenerateRequest, GenerateResult, ResolvedParams } from '../engine/
 import { openDatabase, type SqliteDatabase } from './database.ts';
 
 export type JobStatus = 'queued' | 'running' | 'done' | 'failed' | 'cancelled';
-/** imagine: a /imagine command; reroll: same request, new seed; panel / compare: renders of a finished job. */
-export type JobKind = 'imagine' | 'reroll' | 'panel' | 'compare';
+/**
+ * imagine: a /imagine command; reroll: same request, new seed; panel / compare: renders of a finished
+ * job; vary / upscale: image-to-image from one of a finished job's results (🎨 Vary, ⬆️ Upscale).
+ */
+export type JobKind = 'imagine' | 'reroll' | 'panel' | 'compare' | 'vary' | 'upscale';
+
+/** What a stored job picture is: the job's init image, or one of its results. */
+export type JobImageRole = 'init' | 'result';
 
 /** Where a job's messages go. */
 export type ReplyRoute =
@@ -60,7 +66,11 @@ export interface JobRecord {
 export type NewJob = Pick<
   JobRecord,
   'id' | 'kind' | 'userId' | 'guildId' | 'channelId' | 'request' | 'reply' | 'parentJobId' | 'replyToMessageId'
-> & { createdAt?: number };
+> & {
+  createdAt?: number;
+  /** Image-to-image: the init picture as PNG, stored with the job (the request's JSON never holds it). */
+  initImagePng?: Uint8Array;
+};
 
 interface JobRow {
   id: string;
@@ -148,6 +158,8 @@ export class JobStore {
         `SELECT * FROM jobs WHERE user_id = ? AND status IN ('queued', 'running') ORDER BY created_at, rowid`,
       ),
       recentOfUser: this.db.prepare(`SELECT * FROM jobs WHERE user_id = ? ORDER BY created_at DESC, rowid DESC LIMIT ?`),
+      putImage: this.db.prepare('INSERT OR REPLACE INTO job_images (job_id, role, idx, png) VALUES (?, ?, ?, ?)'),
+      getImage: this.db.prepare('SELECT png FROM job_images WHERE job_id = ? AND role = ? AND idx = ?'),
       countForQuota: this.db.prepare(
         `SELECT COUNT(*) AS n FROM jobs WHERE user_id = @userId AND guild_id IS @guildId AND created_at >= @from AND created_at < @to
            AND NOT (started_at IS NULL AND status IN ('cancelled', 'failed'))`,
@@ -156,20 +168,40 @@ export class JobStore {
   }
 
   create(job: NewJob): JobRecord {
+    // The init image lives in job_images, never in the request's JSON.
+    const { initImage: _initImage, ...request } = job.request;
+    this.db.transaction(() => {
+      this.insert(job, request);
+      if (job.initImagePng) this.putImage(job.id, 'init', 0, job.initImagePng);
+    })();
+    return this.get(job.id)!;
+  }
+
+  private insert(job: NewJob, request: GenerateRequest): void {
     this.statements.insert.run({
       id: job.id,
       kind: job.kind,
       userId: job.userId,
       guildId: job.guildId,
       channelId: job.channelId,
-      request: JSON.stringify(job.request),
+      request: JSON.stringify(request),
       seed: job.request.seed,
       reply: JSON.stringify(job.reply),
       parentJobId: job.parentJobId,
       replyToMessageId: job.replyToMessageId,
       createdAt: job.createdAt ?? Date.now(),
     });
-    return this.get(job.id)!;
+  }
+
+  /** Stores a picture of a job (PNG bytes): its init image, or result `index`. */
+  putImage(jobId: string, role: JobImageRole, index: number, png: Uint8Array): void {
+    this.statements.putImage.run(jobId, role, index, Buffer.from(png.buffer, png.byteOffset, png.byteLength));
+  }
+
+  /** A stored picture of a job (PNG bytes), if any. */
+  getImage(jobId: string, role: JobImageRole, index = 0): Buffer | undefined {
+    const row = this.statements.getImage.get(jobId, role, index) as { png: Buffer } | undefined;
+    return row?.png;
   }
 
   get(id: string): JobRecord | undefined {

@@ -112,6 +112,15 @@ interface CommandOptionDefinition {
 /** Option types whose values Discord also sends as resolved objects. */
 const USER_OPTION = 6;
 const ROLE_OPTION = 8;
+const ATTACHMENT_OPTION = 11;
+
+/** A file a user attached to a command (attach()): what Discord announces of it, and its bytes. */
+export interface FakeUpload extends FakeAttachment {
+  /** The size Discord announces (defaults to the data's length). */
+  size: number;
+  width?: number;
+  height?: number;
+}
 interface CommandDefinition {
   name: string;
   options?: CommandOptionDefinition[];
@@ -209,6 +218,10 @@ export class FakeDiscord {
   readonly messages = new Map<string, FakeMessage>();
   readonly interactions = new Map<string, FakeInteraction>();
   readonly requests: RecordedRequest[] = [];
+  /** Files attached to commands, by id (attachment option values). */
+  private readonly uploads = new Map<string, FakeUpload>();
+  /** Ids of the attachments downloaded from the fake's CDN route, in order. */
+  readonly attachmentDownloads: string[] = [];
   readonly deployedCommands = new Map<string, Record<string, unknown>[]>();
   readonly gatewayIdentifies: { at: number; intents: number }[] = [];
   /** When set, an identify is answered by closing the connection with this code (e.g. 4004, 4014) instead of READY. */
@@ -302,6 +315,16 @@ export class FakeDiscord {
     by: { user: FakeUser; channelId?: string; permissions?: bigint } = { user: this.user('someone') },
   ): FakeInteraction {
     return this.commandInteraction(2, name, options, undefined, by);
+  }
+
+  /**
+   * A file a user uploads with a command: returns its id, the value of an attachment option. `size`,
+   * `width` and `height` are what Discord announces (size defaults to the data's length).
+   */
+  attach(data: Buffer, details: { filename: string; contentType: string; size?: number; width?: number; height?: number }): string {
+    const id = snowflake();
+    this.uploads.set(id, { id, data, filename: details.filename, contentType: details.contentType, size: details.size ?? data.length, width: details.width, height: details.height });
+    return id;
   }
 
   /** Sends an autocomplete request with `focused` as the option being typed. */
@@ -496,6 +519,7 @@ export class FakeDiscord {
     if (url.pathname.startsWith('/attachments/')) {
       const attachment = this.findAttachment(url.pathname.split('/')[3]);
       if (!attachment) return send(res, 404, { message: 'Not found', code: 0 });
+      this.attachmentDownloads.push(attachment.id);
       res.writeHead(200, { 'content-type': attachment.contentType });
       res.end(attachment.data);
       return;
@@ -751,10 +775,16 @@ export class FakeDiscord {
       levels.push(level);
       scope = level.options;
     }
-    const resolved: { users: Record<string, unknown>; members: Record<string, unknown>; roles: Record<string, unknown> } = {
+    const resolved: {
+      users: Record<string, unknown>;
+      members: Record<string, unknown>;
+      roles: Record<string, unknown>;
+      attachments: Record<string, unknown>;
+    } = {
       users: {},
       members: {},
       roles: {},
+      attachments: {},
     };
     let optionJson: Record<string, unknown>[] = Object.entries(options)
       .filter(([, value]) => value !== undefined)
@@ -769,6 +799,19 @@ export class FakeDiscord {
         } else if (option.type === ROLE_OPTION) {
           const index = this.roles.findIndex((r) => r.id === String(value));
           if (index >= 0) resolved.roles[this.roles[index].id] = this.roleJson(this.roles[index], index + 1);
+        } else if (option.type === ATTACHMENT_OPTION) {
+          const upload = this.uploads.get(String(value));
+          if (!upload) throw new Error(`no attachment ${String(value)}; call attach first`);
+          const url = `http://127.0.0.1:${this.port}/attachments/${this.channelId}/${upload.id}/${upload.filename}`;
+          resolved.attachments[upload.id] = {
+            id: upload.id,
+            filename: upload.filename,
+            size: upload.size,
+            url,
+            proxy_url: url,
+            content_type: upload.contentType,
+            ...(upload.width !== undefined ? { width: upload.width, height: upload.height } : {}),
+          };
         }
         return { name: optionName, type: option.type, value, ...(optionName === focused ? { focused: true } : {}) };
       });
@@ -900,6 +943,8 @@ export class FakeDiscord {
   }
 
   private findAttachment(id: string | undefined): FakeAttachment | undefined {
+    const upload = id === undefined ? undefined : this.uploads.get(id);
+    if (upload) return upload;
     for (const message of this.messages.values()) {
       const found = message.attachments.find((a) => a.id === id);
       if (found) return found;

@@ -1,10 +1,11 @@
 import { MessageFlags, InteractionContextType, SlashCommandBuilder, type AutocompleteInteraction, type ChatInputCommandInteraction } from 'discord.js';
-import { MODES, SCHEDULER_NAMES } from '../../engine/api.ts';
+import { DEFAULT_STRENGTH, MODES, SCHEDULER_NAMES } from '../../engine/api.ts';
 import { modeChoice, SCHEDULER_LABELS } from '../../engine/labels.ts';
 import { jobRefusal, memberRoleIds } from '../access.ts';
 import { channelAllowed, channelRefusal, type BotContext, type SlashCommand } from '../context.ts';
 import { SIZE_CHOICES } from '../image-size.ts';
 import { buildImagineRequest, LIMITS } from '../imagine-request.ts';
+import { attachmentProblem, initImageFromAttachment, INIT_IMAGE_LIMITS, NO_ENCODER_MESSAGE } from '../init-image.ts';
 import { modelSuggestions } from '../model-choice.ts';
 import { interactionRoute, newJobId } from '../new-job.ts';
 import { applySettings, SETTING_LABELS } from '../user-settings.ts';
@@ -45,7 +46,15 @@ const data = new SlashCommandBuilder()
       .addChoices(...SIZE_CHOICES.map((choice) => ({ name: choice.name, value: choice.value }))),
   )
   .addIntegerOption((o) => o.setName('count').setDescription('Pictures at once (a grid)').setMinValue(LIMITS.minCount).setMaxValue(LIMITS.maxCount))
-  .addBooleanOption((o) => o.setName('contributions').setDescription('Also show which model drew which part'));
+  .addBooleanOption((o) => o.setName('contributions').setDescription('Also show which model drew which part'))
+  .addAttachmentOption((o) => o.setName('image').setDescription('Start from this picture (PNG, JPEG or WebP; image-to-image)'))
+  .addNumberOption((o) =>
+    o
+      .setName('strength')
+      .setDescription(`How much of the picture to redraw with image (default ${DEFAULT_STRENGTH})`)
+      .setMinValue(INIT_IMAGE_LIMITS.minStrength)
+      .setMaxValue(INIT_IMAGE_LIMITS.maxStrength),
+  );
 
 async function execute(interaction: ChatInputCommandInteraction, ctx: BotContext): Promise<void> {
   const ephemeral = (content: string) => interaction.reply({ content, flags: MessageFlags.Ephemeral, allowedMentions: { parse: [] } });
@@ -95,8 +104,39 @@ async function execute(interaction: ChatInputCommandInteraction, ctx: BotContext
     await ephemeral(verdict.message);
     return;
   }
+  // Image-to-image: what Discord says of the attachment is checked before anything is downloaded.
+  const attachment = options.getAttachment('image');
+  const strength = options.getNumber('strength');
+  let request = built.request;
+  let initImagePng: Buffer | undefined;
+  if (strength !== null && !attachment) {
+    await ephemeral('strength is for drawing from a picture: attach one with image.');
+    return;
+  }
+  if (attachment) {
+    if (!ctx.info.img2img) return void (await ephemeral(NO_ENCODER_MESSAGE));
+    const sizeLimit = interaction.attachmentSizeLimit;
+    const problem = attachmentProblem(attachment, sizeLimit);
+    if (problem) return void (await ephemeral(problem));
+    const { minStrength, maxStrength } = INIT_IMAGE_LIMITS;
+    if (strength !== null && !(strength >= minStrength && strength <= maxStrength)) {
+      return void (await ephemeral(`strength must be a number from ${minStrength} to ${maxStrength} (got ${strength}).`));
+    }
+    const width = request.width ?? ctx.info.defaults.width;
+    const height = request.height ?? ctx.info.defaults.height;
+    request = { ...request, width, height, strength: strength ?? DEFAULT_STRENGTH };
+    // Downloading and decoding may take longer than Discord's 3 s: acknowledge first.
+    await interaction.deferReply(applied.ephemeral ? { flags: MessageFlags.Ephemeral } : {});
+    const fitted = await initImageFromAttachment(attachment, { width, height }, sizeLimit);
+    if (!fitted.ok) {
+      await interaction.followUp({ content: `❌ ${fitted.message}`, flags: MessageFlags.Ephemeral, allowedMentions: { parse: [] } });
+      await interaction.deleteReply().catch(() => undefined);
+      return;
+    }
+    initImagePng = fitted.png;
+  }
   // Acknowledge first; the job is stored and queued synchronously while the defer is in flight.
-  const ack = interaction.deferReply(applied.ephemeral ? { flags: MessageFlags.Ephemeral } : {});
+  const ack = interaction.deferred ? Promise.resolve() : interaction.deferReply(applied.ephemeral ? { flags: MessageFlags.Ephemeral } : {});
   const submitted = ctx.jobs.submit(
     {
       id: newJobId(),
@@ -104,10 +144,11 @@ async function execute(interaction: ChatInputCommandInteraction, ctx: BotContext
       userId: interaction.user.id,
       guildId: interaction.guildId,
       channelId: interaction.channelId,
-      request: built.request,
+      request,
       reply: interactionRoute(interaction, { ephemeral: applied.ephemeral }),
       parentJobId: null,
       replyToMessageId: null,
+      ...(initImagePng ? { initImagePng } : {}),
     },
     ack,
   );

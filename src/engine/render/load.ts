@@ -7,8 +7,17 @@ import type { RgbImage } from '../api.ts';
  * size and cropped around the centre (no distortion), transparency flattened onto white, sRGB, 8-bit
  * RGB. The engine takes init images only at the request's exact size; this is how callers get there.
  */
-export async function loadRgbImage(source: string | Uint8Array, width: number, height: number): Promise<RgbImage> {
-  const { data, info } = await sharp(source)
+export async function loadRgbImage(
+  source: string | Uint8Array,
+  width: number,
+  height: number,
+  options: {
+    /** Refuse pictures with more pixels (sharp's limitInputPixels, checked from the header before decoding). */
+    maxPixels?: number;
+  } = {},
+): Promise<RgbImage> {
+  // Animated pictures: the first frame only (sharp's default, pages: 1).
+  const { data, info } = await sharp(source, options.maxPixels !== undefined ? { limitInputPixels: options.maxPixels } : {})
     .rotate() // EXIF orientation
     .flatten({ background: '#ffffff' })
     .toColourspace('srgb')
