@@ -121,7 +121,7 @@ test('blocked words match whole words case-insensitively; phrases and symbols ma
 });
 
 test('button ids round-trip and reject anything else', () => {
-  assert.deepEqual(parseButtonId(buttonId('compare', 'abc_DEF-1')), { action: 'compare', jobId: 'abc_DEF-1' });
+  assert.deepEqual(parseButtonId(buttonId('compare', 'abc_DEF-1')), { action: 'compare', jobId: 'abc_DEF-1', imageIndex: 0 });
   assert.equal(parseButtonId('job:explode:abc'), undefined);
   assert.equal(parseButtonId('job:reroll:'), undefined);
   assert.equal(parseButtonId('other:reroll:abc'), undefined);

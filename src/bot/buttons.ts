@@ -2,10 +2,12 @@
 // store by the id in the custom id, so buttons work on old messages and after a restart.
 // Blocked users never get here (interactions.ts); new jobs from buttons pass the same checks as /imagine.
 import { MessageFlags, type ButtonInteraction } from 'discord.js';
-import type { JobKind } from '../store/job-store.ts';
+import type { GenerateRequest } from '../engine/api.ts';
+import type { JobKind, JobRecord } from '../store/job-store.ts';
 import { isModerator, jobRefusal, memberRoleIds, rerunRefusal } from './access.ts';
 import { channelAllowed, channelRefusal, type BotContext } from './context.ts';
-import { parseButtonId } from './custom-ids.ts';
+import { IMAGE_ACTIONS, parseButtonId, type ButtonAction } from './custom-ids.ts';
+import { NO_ENCODER_MESSAGE } from './init-image.ts';
 import { randomSeed } from './imagine-request.ts';
 import { interactionRoute, newJobId } from './new-job.ts';
 
@@ -46,8 +48,17 @@ export async function handleButton(interaction: ButtonInteraction, ctx: BotConte
   const verdict = ctx.jobs.check(interaction.user.id);
   if (!verdict.accepted) return void (await ephemeral(verdict.message));
 
-  const kind: JobKind = parsed.action === 'reroll' ? 'reroll' : parsed.action;
-  const request = parsed.action === 'reroll' ? { ...job.request, seed: randomSeed() } : job.request;
+  let kind: JobKind;
+  let request: GenerateRequest;
+  let initImagePng: Buffer | undefined;
+  if (IMAGE_ACTIONS.includes(parsed.action)) {
+    const from = imageJob(job, parsed.action, parsed.imageIndex, ctx);
+    if (!from.ok) return void (await ephemeral(from.message));
+    ({ kind, request, png: initImagePng } = from);
+  } else {
+    kind = parsed.action === 'reroll' ? 'reroll' : (parsed.action as 'panel' | 'compare');
+    request = parsed.action === 'reroll' ? { ...job.request, seed: randomSeed() } : job.request;
+  }
   // Private when the presser's /settings say so, or when the button is on a private result.
   const privately = ctx.settings.get(interaction.user.id).visibility === 'private' || interaction.message.flags.has(MessageFlags.Ephemeral);
   const ack = interaction.deferReply(privately ? { flags: MessageFlags.Ephemeral } : {});
@@ -62,6 +73,7 @@ export async function handleButton(interaction: ButtonInteraction, ctx: BotConte
       reply: interactionRoute(interaction, { ephemeral: privately }),
       parentJobId: job.id,
       replyToMessageId: interaction.message.id,
+      ...(initImagePng ? { initImagePng } : {}),
     },
     ack,
   );
@@ -70,4 +82,44 @@ export async function handleButton(interaction: ButtonInteraction, ctx: BotConte
     await interaction.followUp({ content: submitted.message, flags: MessageFlags.Ephemeral });
     await interaction.deleteReply().catch(() => undefined);
   }
+}
+
+/** Strengths of 🎨 Vary (Subtle) and (Strong), and of ⬆️ Upscale's second pass (a hires fix). */
+export const IMAGE_ACTION_STRENGTH: Record<'subtle' | 'strong' | 'upscale', number> = { subtle: 0.35, strong: 0.65, upscale: 0.5 };
+
+/**
+ * The image-to-image job a Vary or Upscale button starts from image `index` of a finished job: same
+ * models, mode and settings, one image; Vary at the same size with a new seed, Upscale at twice the
+ * size (clamped to the package's largest) with the image's seed. Its init image is the stored result.
+ */
+export function imageJob(
+  job: JobRecord,
+  action: ButtonAction,
+  index: number,
+  ctx: Pick<BotContext, 'info' | 'store'>,
+): { ok: true; kind: 'vary' | 'upscale'; request: GenerateRequest; png: Buffer } | { ok: false; message: string } {
+  const { info } = ctx;
+  if (!info.img2img) return { ok: false, message: NO_ENCODER_MESSAGE };
+  const result = job.result;
+  const png = ctx.store.getImage(job.id, 'result', index);
+  if (!result || !png || index >= result.seeds.length) return { ok: false, message: 'I no longer have this picture, so I cannot build on it.' };
+  const { width, height } = result.params;
+  const { initImage: _initImage, preview: _preview, ...base } = job.request;
+  if (action === 'upscale') {
+    const { max, multiple } = info.size;
+    const factor = Math.min(2, max / width, max / height);
+    const up = (side: number) => Math.max(side, Math.floor((side * factor) / multiple) * multiple);
+    const target = { width: up(width), height: up(height) };
+    if (target.width === width && target.height === height) {
+      return { ok: false, message: `This picture is already as large as these models draw (${width}×${height}; at most ${max}×${max}).` };
+    }
+    return {
+      ok: true,
+      kind: 'upscale',
+      request: { ...base, ...target, seed: result.seeds[index], count: 1, strength: IMAGE_ACTION_STRENGTH.upscale },
+      png,
+    };
+  }
+  const strength = IMAGE_ACTION_STRENGTH[action === 'strong' ? 'strong' : 'subtle'];
+  return { ok: true, kind: 'vary', request: { ...base, width, height, seed: randomSeed(), count: 1, strength }, png };
 }

@@ -12,6 +12,7 @@ import {
   clip,
   expertTitle,
   failureMessage,
+  imageButtons,
   progressMessage,
   queuedMessage,
   resultButtons,
@@ -21,10 +22,18 @@ import {
   type OutgoingMessage,
 } from './messages.ts';
 import { renderComparison, renderImages, renderPanels, renderPreview } from './result-render.ts';
+import { encodePng, loadRgbImage } from '../engine/render/index.ts';
 import { ActionRowBuilder, ButtonBuilder, ButtonStyle, type APIActionRowComponent, type APIButtonComponentWithCustomId } from 'discord.js';
 import { buttonId } from './custom-ids.ts';
 
 export const RERUN_EMOJI = '🔁';
+
+/** The line above a result, by the kind of job. */
+const RESULT_CONTENT: Partial<Record<JobRecord['kind'], (job: JobRecord) => string>> = {
+  reroll: () => '🔁 Reroll with a new seed',
+  vary: (job) => `🎨 Variation (strength ${job.request.strength})`,
+  upscale: (job) => `⬆️ Upscaled ×2 to ${job.request.width}×${job.request.height} (strength ${job.request.strength})`,
+};
 
 export interface JobServiceOptions {
   rest: REST;
@@ -149,7 +158,12 @@ export class JobService {
   submit(newJob: NewJob, ack?: Promise<unknown>): SubmitResult {
     const verdict = this.queue.check(newJob.userId);
     if (!verdict.accepted) return verdict;
-    const job = this.options.store.create({ createdAt: this.now(), ...newJob });
+    // A rerun of an image-to-image job (🔁, Contributions, Compare) starts from its parent's picture.
+    const inherited =
+      newJob.initImagePng === undefined && newJob.request.strength !== undefined && newJob.parentJobId !== null
+        ? this.options.store.getImage(newJob.parentJobId, 'init')
+        : undefined;
+    const job = this.options.store.create({ createdAt: this.now(), ...newJob, ...(inherited ? { initImagePng: inherited } : {}) });
     this.reporters.set(job.id, this.createReporter(job, ack, false));
     const queued = this.queue.enqueue({ id: job.id, userId: job.userId, guildId: job.guildId });
     if (!queued.accepted) {
@@ -338,12 +352,32 @@ export class JobService {
     return raceAbort(work, signal);
   }
 
+  /**
+   * An image-to-image job's init image (stored as PNG with the job), fitted to the request's size: a
+   * Vary's is already that size, an Upscale's is its source result, scaled here (lanczos) to twice it.
+   */
+  private async initImage(job: JobRecord): Promise<Pick<GenerateRequest, 'initImage'>> {
+    if (job.request.strength === undefined) return {};
+    const png = this.options.store.getImage(job.id, 'init');
+    if (!png) throw new EngineError('bad_request', 'The picture this job starts from is no longer stored.');
+    const width = job.request.width ?? this.info.defaults.width;
+    const height = job.request.height ?? this.info.defaults.height;
+    return { initImage: await loadRgbImage(png, width, height) };
+  }
+
+  /** Keeps a result's images (PNG, no parameters) for 🎨 Vary and ⬆️ Upscale, also after a restart. */
+  private async keepResults(job: JobRecord, result: GenerateResult): Promise<void> {
+    if (!this.info.img2img) return;
+    for (const [i, img] of result.images.entries()) this.options.store.putImage(job.id, 'result', i, await encodePng(img.image));
+  }
+
   private async execute(job: JobRecord, signal: AbortSignal, reporter: JobReporter): Promise<RunOutput> {
     const startedAt = Date.now();
     const info = this.info;
-    if (job.kind === 'compare') return this.executeCompare(job, signal, reporter, startedAt);
+    const init = await this.initImage(job);
+    if (job.kind === 'compare') return this.executeCompare(job, signal, reporter, startedAt, init);
 
-    const request: GenerateRequest = job.kind === 'panel' ? { ...job.request, contributions: true } : job.request;
+    const request: GenerateRequest = job.kind === 'panel' ? { ...job.request, ...init, contributions: true } : { ...job.request, ...init };
     const result = await this.generate(request, signal, reporter);
     const summary = summarize(result, startedAt);
     const elapsedMs = Date.now() - startedAt;
@@ -371,12 +405,16 @@ export class JobService {
     }
 
     const rendered = await renderImages(job.id, result, info, Boolean(request.contributions));
+    await this.keepResults(job, result);
     const canMap = result.params.mode === 'afa' || result.params.mode === 'average';
     return {
       message: {
-        content: job.kind === 'reroll' ? '🔁 Reroll with a new seed' : '',
+        content: RESULT_CONTENT[job.kind]?.(job) ?? '',
         embeds: [resultEmbed(job, info, result.params, { seeds: summary.seeds, elapsedMs, imageFile: rendered.mainFile, warnings: result.warnings })],
-        components: [resultButtons(job, { contributions: canMap, compare: info.experts.length > 1 })],
+        components: [
+          resultButtons(job, { contributions: canMap, compare: info.experts.length > 1 }),
+          ...(info.img2img ? imageButtons(job, result.images.length) : []),
+        ],
         files: rendered.files,
       },
       summary,
@@ -385,7 +423,13 @@ export class JobService {
   }
 
   /** Each expert alone, then the ensemble (unless the job was a single model), same prompt and seed. */
-  private async executeCompare(job: JobRecord, signal: AbortSignal, reporter: JobReporter, startedAt: number): Promise<RunOutput> {
+  private async executeCompare(
+    job: JobRecord,
+    signal: AbortSignal,
+    reporter: JobReporter,
+    startedAt: number,
+    init: Pick<GenerateRequest, 'initImage'>,
+  ): Promise<RunOutput> {
     const info = this.info;
     const base = job.request;
     const ensemble = base.ensemble ? info.ensembles.find((e) => e.id === base.ensemble) : undefined;
@@ -402,6 +446,8 @@ export class JobService {
       ...(base.karras !== undefined ? { karras: base.karras } : {}),
       ...(base.width !== undefined ? { width: base.width } : {}),
       ...(base.height !== undefined ? { height: base.height } : {}),
+      ...(base.strength !== undefined ? { strength: base.strength } : {}),
+      ...init,
       count: 1,
     };
     const plan: { label: string; request: GenerateRequest }[] = experts.map((id) => ({
@@ -410,7 +456,7 @@ export class JobService {
     }));
     if (base.mode !== 'single') {
       const label = base.mode === 'afa' ? (ensemble?.title ?? base.ensemble ?? MODE_LABELS.afa.name) : MODE_LABELS[base.mode].name;
-      plan.push({ label, request: { ...base, count: 1, contributions: false } });
+      plan.push({ label, request: { ...base, ...init, count: 1, contributions: false } });
     }
     const runs: { label: string; result: GenerateResult }[] = [];
     for (const [i, entry] of plan.entries()) {

@@ -26,6 +26,8 @@ const KIND_VERBS: Record<JobKind, string> = {
   reroll: 'Rerolling',
   panel: 'Mapping contributions',
   compare: 'Comparing',
+  vary: 'Varying',
+  upscale: 'Upscaling',
 };
 
 export function clip(text: string, max: number): string {
@@ -121,6 +123,31 @@ export function resultButtons(job: JobRecord, options: { contributions: boolean;
       new ButtonBuilder().setCustomId(buttonId('delete', job.id)).setLabel('Delete').setEmoji('🗑️').setStyle(ButtonStyle.Danger),
     )
     .toJSON() as APIActionRowComponent<APIButtonComponentWithCustomId>;
+}
+
+/**
+ * 🎨 Vary (Subtle), 🎨 Vary (Strong) and ⬆️ Upscale ×2 for a result of `count` images (only for
+ * packages that can draw from an image): one row of three for one image; for a grid, one row per
+ * action of numbered buttons (S1…, V1…, U1…, as Midjourney's), so at most 3 rows after resultButtons.
+ */
+export function imageButtons(job: JobRecord, count: number): APIActionRowComponent<APIButtonComponentWithCustomId>[] {
+  const row = (buttons: ButtonBuilder[]) => new ActionRowBuilder<ButtonBuilder>().addComponents(...buttons).toJSON() as APIActionRowComponent<APIButtonComponentWithCustomId>;
+  if (count <= 1) {
+    return [
+      row([
+        new ButtonBuilder().setCustomId(buttonId('subtle', job.id)).setLabel('Vary (Subtle)').setEmoji('🎨').setStyle(ButtonStyle.Secondary),
+        new ButtonBuilder().setCustomId(buttonId('strong', job.id)).setLabel('Vary (Strong)').setEmoji('🎨').setStyle(ButtonStyle.Secondary),
+        new ButtonBuilder().setCustomId(buttonId('upscale', job.id)).setLabel('Upscale ×2').setEmoji('⬆️').setStyle(ButtonStyle.Secondary),
+      ]),
+    ];
+  }
+  const numbered = (action: 'subtle' | 'strong' | 'upscale', letter: string, emoji: string) =>
+    row(
+      Array.from({ length: Math.min(count, 5) }, (_, i) =>
+        new ButtonBuilder().setCustomId(buttonId(action, job.id, i)).setLabel(`${letter}${i + 1}`).setEmoji(emoji).setStyle(ButtonStyle.Secondary),
+      ),
+    );
+  return [numbered('subtle', 'S', '🎨'), numbered('strong', 'V', '🎨'), numbered('upscale', 'U', '⬆️')];
 }
 
 export function formatSeconds(ms: number): string {

@@ -19,7 +19,7 @@ export async function handleReaction(
   const reaction = reactionOrPartial.partial ? await reactionOrPartial.fetch() : reactionOrPartial;
   const message = reaction.message;
   const job = ctx.store.findByMessage(message.id);
-  if (!job || job.status !== 'done' || job.deleted || (job.kind !== 'imagine' && job.kind !== 'reroll')) return;
+  if (!job || job.status !== 'done' || job.deleted || !['imagine', 'reroll', 'vary', 'upscale'].includes(job.kind)) return;
   if (!channelAllowed(ctx.config, message.channelId)) return;
 
   // The reaction's member (with roles) was cached from the gateway event.
