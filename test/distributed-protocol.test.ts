@@ -3,9 +3,9 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { loadConfig, ConfigError } from '../src/bot/config.ts';
-import { EngineError, type GenerateResult, type PackageInfo } from '../src/engine/api.ts';
+import { EngineError, type GenerateRequest, type GenerateResult, type PackageInfo } from '../src/engine/api.ts';
 import { queueNameFor } from '../src/distributed/names.ts';
-import { decodeFailure, encodeFailure, STALLED_MESSAGE } from '../src/distributed/protocol.ts';
+import { decodeFailure, decodeRequest, encodeFailure, encodeRequest, STALLED_MESSAGE } from '../src/distributed/protocol.ts';
 import { choosePackage, type PublishedPackage, type WorkerAdvert } from '../src/distributed/registry.ts';
 import { decodeImage, decodeResult, encodeImage, encodeResult } from '../src/distributed/result-codec.ts';
 import { loadWorkerConfig, WorkerConfigError } from '../src/distributed/worker-config.ts';
@@ -172,4 +172,24 @@ test('/queue summary of the GPU workers: busy ones first, unhealthy ones with th
     '• ⚠️ `c-gpu0` takes no jobs: cannot load the model package models/demo: bad graph',
   ]);
   assert.match(describeWorkers([], 'demo@1.0.0'), /No GPU worker is online for demo@1\.0\.0/);
+});
+
+test('an image-to-image request survives the JSON of a BullMQ job: the init image travels as base64', () => {
+  const data = new Uint8Array(4 * 3 * 3).map((_, i) => (i * 37) % 256);
+  const request: GenerateRequest = { prompt: 'a red circle', mode: 'afa', ensemble: 'trio', seed: 9, width: 4, height: 3, strength: 0.35, initImage: { width: 4, height: 3, data } };
+  const wire = JSON.parse(JSON.stringify({ request: encodeRequest(request) })).request;
+  assert.equal(typeof wire.initImage.base64, 'string');
+  const back = decodeRequest(wire);
+  assert.deepEqual({ ...back, initImage: undefined }, { ...request, initImage: undefined });
+  assert.ok(back.initImage!.data instanceof Uint8Array);
+  assert.deepEqual(Array.from(back.initImage!.data), Array.from(data));
+  assert.deepEqual([back.initImage!.width, back.initImage!.height], [4, 3]);
+
+  // Without an init image the request is unchanged; a damaged one is the engine's bad_request.
+  const plain: GenerateRequest = { prompt: 'x', mode: 'single', experts: ['curves'], seed: 1 };
+  assert.deepEqual(decodeRequest(JSON.parse(JSON.stringify(encodeRequest(plain)))), plain);
+  assert.throws(
+    () => decodeRequest({ ...plain, initImage: { width: 4, height: 3, base64: 'AAAA' } }),
+    (error: unknown) => error instanceof EngineError && error.code === 'bad_request',
+  );
 });

@@ -7,8 +7,34 @@ export const JOB_NAME = 'generate';
 /** A worker picks a killed worker's job up again at most this many times; the next stall fails it. */
 export const MAX_STALLED_RUNS = 2;
 
+/**
+ * A GenerateRequest as JSON can carry it: an image-to-image init picture (a Uint8Array, which JSON
+ * would turn into an object of numbered keys) travels as base64. Build it with encodeRequest.
+ */
+export type WireRequest = Omit<GenerateRequest, 'initImage'> & {
+  initImage?: { width: number; height: number; base64: string };
+};
+
+export function encodeRequest(request: GenerateRequest): WireRequest {
+  const { initImage, ...rest } = request;
+  if (!initImage) return rest;
+  const { width, height, data } = initImage;
+  return { ...rest, initImage: { width, height, base64: Buffer.from(data.buffer, data.byteOffset, data.byteLength).toString('base64') } };
+}
+
+export function decodeRequest(wire: WireRequest): GenerateRequest {
+  const { initImage, ...rest } = wire;
+  if (!initImage) return rest;
+  const bytes = Buffer.from(initImage.base64, 'base64');
+  if (bytes.length !== initImage.width * initImage.height * 3) {
+    throw new EngineError('bad_request', `The init image arrived damaged (${bytes.length} bytes for ${initImage.width}×${initImage.height}).`);
+  }
+  return { ...rest, initImage: { width: initImage.width, height: initImage.height, data: new Uint8Array(bytes.buffer, bytes.byteOffset, bytes.byteLength) } };
+}
+
 export interface RemoteJobData {
-  request: GenerateRequest;
+  /** The request, its init image (if any) in base64 (encodeRequest / decodeRequest). */
+  request: WireRequest;
   /** The bot that dispatched it (its application id): a restarted bot cancels its own leftovers. */
   owner: string;
   dispatchedAt: number;

@@ -7,7 +7,7 @@ import { Queue, QueueEvents, type JobType } from 'bullmq';
 import type { Redis } from 'ioredis';
 import { EngineError, type EngineClient, type GenerateCallOptions, type GenerateRequest, type GenerateResult, type PackageInfo, type ProgressEvent } from '../engine/api.ts';
 import { packageId, QUEUE_PREFIX, queueNameFor, redisKeys } from './names.ts';
-import { decodeFailure, JOB_NAME, type RemoteJobData, type RemoteJobProgress } from './protocol.ts';
+import { decodeFailure, encodeRequest, JOB_NAME, type RemoteJobData, type RemoteJobProgress } from './protocol.ts';
 import { bullConnection, createRedis, type DistributedLogger } from './redis.ts';
 import { choosePackage, listPackages, listWorkers, type WorkerAdvert } from './registry.ts';
 import { decodeImage, decodeResult } from './result-codec.ts';
@@ -127,7 +127,7 @@ export class RemoteEngineClient implements EngineClient {
     if (this.disposed) return Promise.reject(new EngineError('internal', 'The connection to the GPU workers is closed.'));
     if (options.signal?.aborted) return Promise.reject(new EngineError('cancelled', 'The generation was cancelled.'));
     const jobId = randomUUID();
-    const data: RemoteJobData = { request, owner: this.options.owner, dispatchedAt: Date.now() };
+    const data: RemoteJobData = { request: encodeRequest(request), owner: this.options.owner, dispatchedAt: Date.now() };
     return new Promise<GenerateResult>((resolve, reject) => {
       const { signal } = options;
       const onAbort = (): void => {

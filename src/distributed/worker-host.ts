@@ -6,7 +6,7 @@ import { Worker as BullWorker, type Job } from 'bullmq';
 import type { Redis } from 'ioredis';
 import { EngineError, type EngineClient, type PackageInfo, type ProgressEvent } from '../engine/api.ts';
 import { packageId, QUEUE_PREFIX, queueNameFor, redisKeys } from './names.ts';
-import { decodeFailure, encodeFailure, MAX_STALLED_RUNS, type RemoteJobData, type RemoteJobProgress, type RemoteJobReturn } from './protocol.ts';
+import { decodeFailure, decodeRequest, encodeFailure, MAX_STALLED_RUNS, type RemoteJobData, type RemoteJobProgress, type RemoteJobReturn } from './protocol.ts';
 import { bullConnection, createRedis, type DistributedLogger } from './redis.ts';
 import { advertise, publishPackage, withdraw, type WorkerAdvert } from './registry.ts';
 import { encodeImage, encodeResult } from './result-codec.ts';
@@ -194,7 +194,7 @@ export class WorkerHost {
     try {
       if (await cancelled()) throw new EngineError('cancelled', 'The generation was cancelled.');
       logger.info({ job: jobId, worker: this.workerId, run: job.attemptsStarted, stalls: job.stalledCounter }, 'job started');
-      const result = await engine.generate(job.data.request, { signal: controller.signal, onProgress: (event) => progress.send(event) });
+      const result = await engine.generate(decodeRequest(job.data.request), { signal: controller.signal, onProgress: (event) => progress.send(event) });
       await progress.flush();
       const encoded = encodeResult(result);
       await this.redis.set(redisKeys.result(jobId), encoded, 'PX', this.timings.resultTtlMs);
