@@ -106,7 +106,8 @@ test('/imagine is deferred at once, shows its queue position and progress, and e
   assert.ok(embedField(message, 'Time')?.endsWith('s'));
   assert.equal((message.embeds[0].image as { url: string }).url, `attachment://${png.filename}`);
   const buttons = h.fake.buttonsOf(message).map((b) => b.label);
-  assert.deepEqual(buttons, ['Reroll', 'Contributions', 'Compare', 'Delete']);
+  // The fixture has a VAE encoder: image-to-image buttons too (test/bot-img2img.test.ts).
+  assert.deepEqual(buttons, ['Reroll', 'Contributions', 'Compare', 'Delete', 'Vary (Subtle)', 'Vary (Strong)', 'Upscale ×2']);
 
   const job = await h.job(message.id);
   assert.equal(job?.status, 'done');
