@@ -173,6 +173,10 @@ test('attachments refused: too big before any download, not an image, too many p
   const fakeId = h.fake.attach(Buffer.from('not really a png at all'), { filename: 'fake.png', contentType: 'image/png' });
   assert.match(await refusal(h.imagine(owner, { prompt: 'x', image: fakeId })), /not a PNG, JPEG or WebP/);
 
+  // A download longer than Discord announced is cut off and refused.
+  const longId = h.fake.attach(await png(32, 32), { filename: 'long.png', contentType: 'image/png', size: 20 });
+  assert.match(await refusal(h.imagine(owner, { prompt: 'x', image: longId })), /longer than Discord announced/);
+
   // A PNG whose header says 10000×10000 (Discord announces no size): refused from the header by sharp.
   const hugeId = h.fake.attach(pngHeaderOnly(10_000, 10_000), { filename: 'huge.png', contentType: 'image/png' });
   assert.match(await refusal(h.imagine(owner, { prompt: 'x', image: hugeId })), /too many pixels/);

@@ -49,7 +49,7 @@ export function attachmentProblem(attachment: AttachmentInfo, interactionLimit?:
   return undefined;
 }
 
-export type Fetched = { ok: true; bytes: Uint8Array } | { ok: false; message: string };
+export type Fetched = { ok: true; bytes: Uint8Array } | { ok: false; message: string; tooBig?: true };
 
 /** Downloads at most `maxBytes` (a longer body is cut off and refused), within a timeout. */
 export async function downloadAttachment(
@@ -65,7 +65,7 @@ export async function downloadAttachment(
     const declared = Number(response.headers.get('content-length') ?? NaN);
     if (Number.isFinite(declared) && declared > maxBytes) {
       controller.abort();
-      return { ok: false, message: `The picture is too big (more than ${mib(maxBytes)}).` };
+      return { ok: false, message: `The picture is too big (more than ${mib(maxBytes)}).`, tooBig: true };
     }
     const chunks: Uint8Array[] = [];
     let total = 0;
@@ -76,7 +76,7 @@ export async function downloadAttachment(
       total += value.byteLength;
       if (total > maxBytes) {
         controller.abort();
-        return { ok: false, message: `The picture is too big (more than ${mib(maxBytes)}).` };
+        return { ok: false, message: `The picture is too big (more than ${mib(maxBytes)}).`, tooBig: true };
       }
       chunks.push(value);
     }
@@ -126,7 +126,13 @@ export async function initImageFromAttachment(
 ): Promise<Fitted> {
   const problem = attachmentProblem(attachment, interactionLimit);
   if (problem) return { ok: false, message: problem };
-  const fetched = await downloadAttachment(attachment.url, Math.min(INIT_IMAGE_LIMITS.maxBytes, interactionLimit ?? Infinity));
-  if (!fetched.ok) return fetched;
+  // No more than Discord announced: a longer body is cut off and refused.
+  const limit = Math.min(INIT_IMAGE_LIMITS.maxBytes, interactionLimit ?? Infinity);
+  const announced = attachment.size > 0 ? attachment.size : Infinity;
+  const fetched = await downloadAttachment(attachment.url, Math.min(limit, announced));
+  if (!fetched.ok) {
+    if (fetched.tooBig && announced < limit) return { ok: false, message: 'The download was longer than Discord announced for this file; I did not use it.' };
+    return { ok: false, message: fetched.message };
+  }
   return fitInitImage(fetched.bytes, size.width, size.height);
 }
