@@ -104,3 +104,62 @@ test('decoding: sniffed formats, the first frame, cover-crop to the size, a pixe
   assert.match(damaged.ok ? '' : damaged.message, /could not read/);
   assert.equal(INIT_IMAGE_LIMITS.maxPixels, 4096 * 4096);
 });
+
+test('Upscale doubles the size, clamped to the package’s largest at multiples of its step; Vary keeps it', async () => {
+  const { JobStore } = await import('../src/store/job-store.ts');
+  const { imageJob } = await import('../src/bot/buttons.ts');
+  const store = new JobStore(':memory:');
+  try {
+    const info = {
+      img2img: true,
+      size: { min: 64, max: 768, multiple: 8 },
+      defaults: { width: 512, height: 512 },
+    } as unknown as import('../src/engine/api.ts').PackageInfo;
+    const finished = (id: string, width: number, height: number) => {
+      store.create({
+        id,
+        kind: 'imagine',
+        userId: 'u',
+        guildId: 'g',
+        channelId: 'c',
+        request: { prompt: 'p', mode: 'afa', ensemble: 'duo', seed: 10, count: 2, width, height },
+        reply: { type: 'channel' },
+        parentJobId: null,
+        replyToMessageId: null,
+      });
+      const params = { width, height } as import('../src/engine/api.ts').ResolvedParams;
+      store.finish(id, 'done', { result: { params, seeds: [10, 11], timings: {} as never, warnings: [] } });
+      store.putImage(id, 'result', 0, Buffer.from('png0'));
+      store.putImage(id, 'result', 1, Buffer.from('png1'));
+      return store.get(id)!;
+    };
+    const small = finished('small', 256, 384);
+    const up = imageJob(small, 'upscale', 1, { info, store });
+    assert.ok(up.ok);
+    assert.deepEqual([up.request.width, up.request.height, up.request.seed, up.request.count, up.request.strength], [512, 768, 11, 1, 0.5]);
+    assert.equal(up.png.toString(), 'png1');
+    assert.equal(up.request.ensemble, 'duo');
+
+    // 512×768: its longer side is already the largest the package draws, so it keeps its shape and cannot grow.
+    const tall = finished('tall', 512, 768);
+    const refused = imageJob(tall, 'upscale', 0, { info, store });
+    assert.equal(refused.ok, false);
+    assert.match(refused.ok ? '' : refused.message, /already as large/);
+    // 400×400 grows to 768×768 (clamped, not 800), a multiple of 8.
+    const mid = imageJob(finished('mid', 400, 400), 'upscale', 0, { info, store });
+    assert.ok(mid.ok);
+    assert.deepEqual([mid.request.width, mid.request.height], [768, 768]);
+
+    const vary = imageJob(small, 'strong', 0, { info, store });
+    assert.ok(vary.ok);
+    assert.deepEqual([vary.kind, vary.request.width, vary.request.height, vary.request.strength, vary.request.count], ['vary', 256, 384, 0.65, 1]);
+    assert.notEqual(vary.request.seed, 10);
+
+    const missing = imageJob(small, 'subtle', 3, { info, store });
+    assert.match(missing.ok ? '' : missing.message, /no longer have this picture/);
+    const noEncoder = imageJob(small, 'subtle', 0, { info: { ...info, img2img: false }, store });
+    assert.match(noEncoder.ok ? '' : noEncoder.message, /cannot draw from an image/);
+  } finally {
+    store.close();
+  }
+});
