@@ -185,4 +185,28 @@ describe('the bot with QUEUE_BACKEND=redis', () => {
       await h.close();
     }
   });
+
+  test('🎨 Vary through the GPU worker: the init image crosses Redis intact', async () => {
+    const h = await BotHarness.start({ env: env(), engine: noEmbeddedEngine });
+    try {
+      engine.open();
+      assert.equal(h.info.img2img, true, 'the worker advertises an encoder');
+      const owner = h.fake.user('vera');
+      const message = await h.result(h.imagine(owner, { prompt: 'a green ring', seed: 77 }), 30_000);
+      const vary = h.fake.buttonsOf(message).find((b) => b.label === 'Vary (Subtle)');
+      assert.ok(vary, 'results have Vary buttons');
+      const before = engine.requests.length;
+      const varied = await h.result(h.fake.pressButton(message.id, vary.customId, { user: owner }), 30_000);
+      const request = engine.requests[before];
+      assert.equal(request.strength, 0.35);
+      assert.ok(request.initImage?.data instanceof Uint8Array, 'a Uint8Array again on the worker');
+      const stored = h.bot.store.getImage((await h.job(message.id)).id, 'result', 0)!;
+      const { default: sharp } = await import('sharp');
+      assert.deepEqual(Buffer.from(request.initImage.data), await sharp(stored).removeAlpha().raw().toBuffer());
+      assert.equal((await h.job(varied.id)).kind, 'vary');
+    } finally {
+      engine.open();
+      await h.close();
+    }
+  });
 });
