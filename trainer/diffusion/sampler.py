@@ -286,10 +286,31 @@ def sample(
         text = torch.cat([uncond, cond], dim=-3)
     else:
         text = cond
-    size = (int(latent_shape[-2]), int(latent_shape[-1]))
     latents = initial_latents(latent_shape, seed, sched.init_noise_sigma)
+    latents, contributions = denoise_from(denoiser, latents, text, sched, 0, guidance, on_step=on_step)
+    return SampleResult(latents=latents, contributions=contributions, timesteps=sched.timesteps)
+
+
+@torch.no_grad()
+def decode_latents(vae_decoder: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, scale_factor: float) -> torch.Tensor:
+    """latents → uint8 RGB images [B,H,W,3]."""
+    images = vae_decoder(latents / scale_factor)
+    if not isinstance(images, torch.Tensor):  # e.g. a (sample,) tuple or an output object
+        images = images[0] if isinstance(images, (tuple, list)) else images.sample
+    images = (images.float() / 2 + 0.5).clamp(0, 1)
+    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+@torch.no_grad()
+def denoise_from(denoiser: Denoiser, latents: torch.Tensor, text: torch.Tensor, sched, begin: int, guidance: float,
+                 on_step: Optional[Callable[[int, torch.Tensor], None]] = None):
+    """The denoising loop from step `begin` on (0 for txt2img; img2img starts later): text is [uncond; cond]
+    when guidance > 1, else cond. Returns (latents, the mean contribution maps over the steps run or None)."""
+    batch = latents.shape[0]
+    guided = guidance > 1.0
+    size = (int(latents.shape[-2]), int(latents.shape[-1]))
     contributions = None
-    for index in range(len(sched.timesteps)):
+    for index in range(begin, len(sched.timesteps)):
         model_input = sched.scale_model_input(latents, index)
         if guided:
             model_input = torch.cat([model_input, model_input])
@@ -305,15 +326,5 @@ def sample(
         if on_step is not None:
             on_step(index, latents)
     if contributions is not None:
-        contributions = contributions / len(sched.timesteps)
-    return SampleResult(latents=latents, contributions=contributions, timesteps=sched.timesteps)
-
-
-@torch.no_grad()
-def decode_latents(vae_decoder: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, scale_factor: float) -> torch.Tensor:
-    """latents → uint8 RGB images [B,H,W,3]."""
-    images = vae_decoder(latents / scale_factor)
-    if not isinstance(images, torch.Tensor):  # e.g. a (sample,) tuple or an output object
-        images = images[0] if isinstance(images, (tuple, list)) else images.sample
-    images = (images.float() / 2 + 0.5).clamp(0, 1)
-    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        contributions = contributions / (len(sched.timesteps) - begin)
+    return latents, contributions
