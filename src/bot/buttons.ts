@@ -9,7 +9,7 @@ import { channelAllowed, channelRefusal, type BotContext } from './context.ts';
 import { IMAGE_ACTIONS, parseButtonId, type ButtonAction } from './custom-ids.ts';
 import { NO_ENCODER_MESSAGE } from './init-image.ts';
 import { randomSeed } from './imagine-request.ts';
-import { interactionRoute, newJobId } from './new-job.ts';
+import { interactionRoute, newJobId, submitFromInteraction } from './new-job.ts';
 
 export async function handleButton(interaction: ButtonInteraction, ctx: BotContext): Promise<void> {
   const ephemeral = (content: string) => interaction.reply({ content, flags: MessageFlags.Ephemeral, allowedMentions: { parse: [] } });
@@ -62,7 +62,9 @@ export async function handleButton(interaction: ButtonInteraction, ctx: BotConte
   // Private when the presser's /settings say so, or when the button is on a private result.
   const privately = ctx.settings.get(interaction.user.id).visibility === 'private' || interaction.message.flags.has(MessageFlags.Ephemeral);
   const ack = interaction.deferReply(privately ? { flags: MessageFlags.Ephemeral } : {});
-  const submitted = ctx.jobs.submit(
+  await submitFromInteraction(
+    ctx,
+    interaction,
     {
       id: newJobId(),
       kind,
@@ -77,11 +79,6 @@ export async function handleButton(interaction: ButtonInteraction, ctx: BotConte
     },
     ack,
   );
-  await ack;
-  if (!submitted.accepted) {
-    await interaction.followUp({ content: submitted.message, flags: MessageFlags.Ephemeral });
-    await interaction.deleteReply().catch(() => undefined);
-  }
 }
 
 /** Strengths of 🎨 Vary (Subtle) and (Strong), and of ⬆️ Upscale's second pass (a hires fix). */

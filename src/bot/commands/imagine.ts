@@ -7,7 +7,7 @@ import { SIZE_CHOICES } from '../image-size.ts';
 import { buildImagineRequest, LIMITS } from '../imagine-request.ts';
 import { attachmentProblem, initImageFromAttachment, INIT_IMAGE_LIMITS, NO_ENCODER_MESSAGE } from '../init-image.ts';
 import { modelSuggestions } from '../model-choice.ts';
-import { interactionRoute, newJobId } from '../new-job.ts';
+import { interactionRoute, newJobId, submitFromInteraction } from '../new-job.ts';
 import { applySettings, SETTING_LABELS } from '../user-settings.ts';
 
 const data = new SlashCommandBuilder()
@@ -137,7 +137,9 @@ async function execute(interaction: ChatInputCommandInteraction, ctx: BotContext
   }
   // Acknowledge first; the job is stored and queued synchronously while the defer is in flight.
   const ack = interaction.deferred ? Promise.resolve() : interaction.deferReply(applied.ephemeral ? { flags: MessageFlags.Ephemeral } : {});
-  const submitted = ctx.jobs.submit(
+  await submitFromInteraction(
+    ctx,
+    interaction,
     {
       id: newJobId(),
       kind: 'imagine',
@@ -152,11 +154,6 @@ async function execute(interaction: ChatInputCommandInteraction, ctx: BotContext
     },
     ack,
   );
-  await ack;
-  if (!submitted.accepted) {
-    await interaction.followUp({ content: submitted.message, flags: MessageFlags.Ephemeral });
-    await interaction.deleteReply().catch(() => undefined);
-  }
 }
 
 async function autocomplete(interaction: AutocompleteInteraction, ctx: BotContext): Promise<void> {
