@@ -117,7 +117,7 @@ test('deploy-commands registers every command for the guild when DISCORD_GUILD_I
     const imagine = registered.find((c) => c.name === 'imagine') as { options: { name: string; autocomplete?: boolean; choices?: unknown[] }[] };
     assert.deepEqual(
       imagine.options.map((o) => o.name),
-      ['prompt', 'model', 'mode', 'negative', 'seed', 'steps', 'guidance', 'scheduler', 'size', 'count', 'contributions'],
+      ['prompt', 'model', 'mode', 'negative', 'seed', 'steps', 'guidance', 'scheduler', 'size', 'count', 'contributions', 'image', 'strength'],
     );
     assert.equal(imagine.options.find((o) => o.name === 'model')?.autocomplete, true);
     assert.equal(imagine.options.find((o) => o.name === 'scheduler')?.choices?.length, 4);
