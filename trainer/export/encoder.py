@@ -20,7 +20,7 @@ import torch
 from trainer.export.errors import ExportError, ManifestError
 from trainer.export.graphs import GraphReport, export_vae_encoder
 from trainer.export.manifest import write_manifest
-from trainer.export.parity import Check
+from trainer.export.parity import Check, add_graph_arguments, check_from_arguments
 from trainer.io.model_folders import load_vae
 from trainer.models.vae import AutoencoderKL
 
@@ -56,11 +56,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Add a VAE encoder graph (image-to-image) to a model package.")
     parser.add_argument("--vae", required=True, help="the package's trained VAE folder (e.g. runs/demo/vae/final)")
     parser.add_argument("--package", required=True, help="the package folder (e.g. models/demo)")
-    parser.add_argument("--fp16", action="store_true", help="store weights as float16 (compute stays float32)")
-    parser.add_argument("--check", choices=("auto", "require", "off"), default="auto",
-                        help="run the graph in onnxruntime-node against PyTorch (auto: when node is there)")
+    add_graph_arguments(parser, "the graph")
     args = parser.parse_args(argv)
-    check: Check = {"auto": "auto", "require": True, "off": False}[args.check]
+    check = check_from_arguments(args)
     try:
         with torch.no_grad():
             add_vae_encoder(args.package, load_vae(args.vae), fp16=args.fp16, check=check)

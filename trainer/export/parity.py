@@ -16,6 +16,17 @@ FP32_TOLERANCE = 1e-4
 Check = Union[bool, str]  # True: must run in onnxruntime; "auto": when available; False: checker only
 
 
+def add_graph_arguments(parser, what: str) -> None:
+    """The export commands' shared options: --fp16 storage and the --check mode of the parity runs."""
+    parser.add_argument("--fp16", action="store_true", help="store weights as float16 (compute stays float32)")
+    parser.add_argument("--check", choices=("auto", "require", "off"), default="auto",
+                        help=f"run {what} in onnxruntime-node against PyTorch (auto: when node is there)")
+
+
+def check_from_arguments(args) -> Check:
+    return {"auto": "auto", "require": True, "off": False}[args.check]
+
+
 def check_parity(graph: str, path: str, module: nn.Module, feed_sets: Sequence[Mapping[str, Tensor]],
                  output_names: Sequence[str], tolerance: float = FP32_TOLERANCE,
                  check: Check = "auto") -> Tuple[Optional[Dict[str, float]], Optional[str]]:

@@ -12,7 +12,7 @@ import torch
 
 from trainer.export.errors import ExportError, ManifestError
 from trainer.export.package import EnsembleSpec, PackageResult, save_package
-from trainer.export.parity import Check
+from trainer.export.parity import Check, add_graph_arguments, check_from_arguments
 from trainer.io.model_folders import (afa_hyperparameters, load_aggregators, load_text_encoder, load_unet, load_vae,
                                       read_afa_config)
 from trainer.models.afa import AFAEnsemble
@@ -77,11 +77,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Export trained models into an ensemble-diffusion model package.")
     parser.add_argument("--spec", required=True, help="JSON spec naming the model folders (see package_from_spec)")
     parser.add_argument("--out", required=True, help="package folder to write (e.g. models/demo)")
-    parser.add_argument("--fp16", action="store_true", help="store weights as float16 (compute stays float32)")
-    parser.add_argument("--check", choices=("auto", "require", "off"), default="auto",
-                        help="run every graph in onnxruntime-node against PyTorch (auto: when node is there)")
+    add_graph_arguments(parser, "every graph")
     args = parser.parse_args(argv)
-    check: Check = {"auto": "auto", "require": True, "off": False}[args.check]
+    check = check_from_arguments(args)
     try:
         with torch.no_grad():
             result = package_from_spec(args.spec, args.out, fp16=args.fp16, check=check)
