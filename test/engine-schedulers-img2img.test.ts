@@ -2,10 +2,9 @@
 // worked out here from the golden schedule (test/fixtures/golden/scheduler_golden.json: SD1.5's
 // ᾱ and each case's σ, both diffusers'), and runs that start part-way (diffusers' set_begin_index).
 import assert from 'node:assert/strict';
-import { readFileSync } from 'node:fs';
 import { test } from 'node:test';
-import type { SchedulerName } from '../src/engine/api.ts';
 import { TorchGenerator } from '../src/engine/random.ts';
+import { ENGINE_NAME, readSchedulerGolden } from './helpers/scheduler-golden.ts';
 import {
   createScheduler,
   DpmSolverScheduler,
@@ -24,16 +23,7 @@ interface GoldenCase {
   timesteps: number[];
   sigmas: number[] | null;
 }
-const golden: { train_schedule: { alphas_cumprod: number[] }; cases: GoldenCase[] } = JSON.parse(
-  readFileSync(new URL('fixtures/golden/scheduler_golden.json', import.meta.url), 'utf8'),
-);
-const ENGINE_NAME: Record<string, SchedulerName> = {
-  DDIMScheduler: 'ddim',
-  EulerDiscreteScheduler: 'euler',
-  EulerAncestralDiscreteScheduler: 'euler_a',
-  DPMSolverMultistepScheduler: 'dpmpp_2m',
-};
-const SIZE = 4 * 8 * 8;
+const golden = readSchedulerGolden<GoldenCase>();const SIZE = 4 * 8 * 8;
 const f = Math.fround;
 const x0 = new TorchGenerator(1).randn(SIZE);
 const eps = new TorchGenerator(2).randn(SIZE);

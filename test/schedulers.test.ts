@@ -1,9 +1,9 @@
 // Over 500 lines on purpose: one table-driven file for every scheduler, spacing and config against diffusers' golden trajectories.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFileSync } from 'node:fs';
-import { EngineError, type SchedulerName } from '../src/engine/api.ts';
+import { EngineError } from '../src/engine/api.ts';
 import { TorchGenerator } from '../src/engine/random.ts';
+import { ENGINE_NAME, readSchedulerGolden } from './helpers/scheduler-golden.ts';
 import {
   DdimScheduler,
   DpmSolverScheduler,
@@ -40,16 +40,8 @@ interface GoldenCase {
   step_noise_head?: number[][];
   x_final: number[];
 }
-const golden: { train_schedule: { betas: number[]; alphas_cumprod: number[] }; cases: GoldenCase[] } = JSON.parse(
-  readFileSync(new URL('fixtures/golden/scheduler_golden.json', import.meta.url), 'utf8'),
-);
+const golden = readSchedulerGolden<GoldenCase>();
 
-const ENGINE_NAME: Record<string, SchedulerName> = {
-  DDIMScheduler: 'ddim',
-  EulerDiscreteScheduler: 'euler',
-  EulerAncestralDiscreteScheduler: 'euler_a',
-  DPMSolverMultistepScheduler: 'dpmpp_2m',
-};
 const LATENT_SIZE = 4 * 8 * 8;
 
 /** The golden file's model: eps(x, t) = 0.5·x·cos(t/300) + 0.1·sin(t/50), rounded to float32. */
