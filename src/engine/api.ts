@@ -132,7 +132,7 @@ export interface ExpertInfo {
 }
 
 export interface EnsembleInfo extends ExpertInfo {
-  method: 'afa';
+  method: 'afa' | 'fuse';
   experts: string[];
   subsets: boolean;
 }

@@ -40,13 +40,16 @@ const ensembleSchema = z.strictObject({
   id,
   title: z.string().optional().describe('shown to users; default: the id capitalised'),
   description: z.string().default(''),
-  method: z.literal('afa').default('afa'),
+  method: z
+    .enum(['afa', 'fuse'])
+    .default('afa')
+    .describe('afa: a trained SABW aggregator fuses the experts; fuse: a training-free per-pixel rule (feature variance) does'),
   experts: z
     .array(id)
     .min(2)
     .refine((ids) => new Set(ids).size === ids.length, { message: 'lists an expert twice' })
     .meta({ uniqueItems: true, description: "ids of listed experts, in the order of the graph's N axis" }),
-  graph: relPath.describe('the fused AFA graph'),
+  graph: relPath.describe('the fused graph: all its experts and the aggregation rule, one session.run per step'),
   subsets: z
     .boolean()
     .default(false)
@@ -208,7 +211,7 @@ export interface EnsembleEntry {
   id: string;
   title: string;
   description: string;
-  method: 'afa';
+  method: 'afa' | 'fuse';
   experts: string[];
   graph: string;
   subsets: boolean;
