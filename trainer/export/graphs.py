@@ -251,7 +251,10 @@ def export_afa(ensemble: AFAEnsemble, path: str, *, subsets: bool = True, timest
                tolerance: float = FP32_TOLERANCE, seed: int = 0, name: str = "afa",
                compact: bool = False) -> GraphReport:
     """One fused graph: sample, timestep [B], encoder_hidden_states [N,B,77,D], expert_mask float32 [N]
-    (only when subsets) -> out_sample [B,C,h,w], contributions [B,N,h,w]."""
+    (only when subsets) -> out_sample [B,C,h,w], contributions [B,N,h,w].
+
+    `ensemble` is an AFAEnsemble (trained SABW aggregators) or a trainer.models.fusion.FusionEnsemble (the
+    training-free variance rule, method "fuse"): both graphs have the same inputs and outputs."""
     ensemble = ensemble.eval()
     first = ensemble.unets[0]
     cfg = first.config
