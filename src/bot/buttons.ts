@@ -2,7 +2,7 @@
 // store by the id in the custom id, so buttons work on old messages and after a restart.
 // Blocked users never get here (interactions.ts); new jobs from buttons pass the same checks as /imagine.
 import { MessageFlags, type ButtonInteraction } from 'discord.js';
-import type { GenerateRequest } from '../engine/api.ts';
+import { modeHasContributions, type GenerateRequest } from '../engine/api.ts';
 import type { JobKind, JobRecord } from '../store/job-store.ts';
 import { isModerator, jobRefusal, memberRoleIds, rerunRefusal } from './access.ts';
 import { channelAllowed, channelRefusal, type BotContext } from './context.ts';
@@ -38,8 +38,8 @@ export async function handleButton(interaction: ButtonInteraction, ctx: BotConte
 
   if (!channelAllowed(ctx.config, interaction.channelId)) return void (await ephemeral(channelRefusal(ctx.config)));
   if (job.status !== 'done') return void (await ephemeral('That job has not finished, so there is nothing to build on yet.'));
-  if (parsed.action === 'panel' && job.request.mode !== 'afa' && job.request.mode !== 'average') {
-    return void (await ephemeral('Contributions need several models (mode afa or average); this picture came from one.'));
+  if (parsed.action === 'panel' && !modeHasContributions(job.request.mode)) {
+    return void (await ephemeral('Contributions need several models (mode afa, fuse or average); this picture came from one.'));
   }
   const refusal =
     rerunRefusal(ctx, job.request) ??

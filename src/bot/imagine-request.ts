@@ -1,6 +1,6 @@
 // Turns /imagine options into an engine GenerateRequest, or a short explanation of what is wrong.
 import { randomInt } from 'node:crypto';
-import { MODES, SCHEDULER_NAMES, type GenerateRequest, type Mode, type PackageInfo, type SchedulerName } from '../engine/api.ts';
+import { MODES, modeHasContributions, SCHEDULER_NAMES, type GenerateRequest, type Mode, type PackageInfo, type SchedulerName } from '../engine/api.ts';
 import { isSizeChoice, sizeFor, SIZE_VALUES } from './image-size.ts';
 import { resolveModelChoice, type ModelSelection } from './model-choice.ts';
 
@@ -124,12 +124,12 @@ export function buildImagineRequest(
   const choice = resolveModelChoice(options.model, mode, info);
   if (!choice.ok) return choice;
   const { selection } = choice;
-  const canMap = selection.mode === 'afa' || selection.mode === 'average';
+  const canMap = modeHasContributions(selection.mode);
   const contributions = options.contributions ?? (settings.preferContributions === true && canMap);
   if (contributions && !canMap) {
     return {
       ok: false,
-      message: `Contributions show how several models share the image; they need mode afa or average, not ${selection.mode}.`,
+      message: `Contributions show how several models share the image; they need mode afa, fuse or average, not ${selection.mode}.`,
     };
   }
 

@@ -1,6 +1,6 @@
 // Accepts jobs (store + fair queue), runs them on the engine, and reports them through their messages.
 import type { REST } from 'discord.js';
-import { EngineError, type EngineClient, type GenerateRequest, type GenerateResult, type PackageInfo, type RgbImage } from '../engine/api.ts';
+import { EngineError, isEnsembleMode, modeHasContributions, type EngineClient, type GenerateRequest, type GenerateResult, type PackageInfo, type RgbImage } from '../engine/api.ts';
 import { MODE_LABELS } from '../engine/labels.ts';
 import { FairQueue, JobAbortedError, type EnqueueResult, type FairQueueJob } from '../queue/fair-queue.ts';
 import type { JobRecord, JobResultSummary, JobStore, NewJob } from '../store/job-store.ts';
@@ -406,7 +406,7 @@ export class JobService {
 
     const rendered = await renderImages(job.id, result, info, Boolean(request.contributions));
     await this.keepResults(job, result);
-    const canMap = result.params.mode === 'afa' || result.params.mode === 'average';
+    const canMap = modeHasContributions(result.params.mode);
     return {
       message: {
         content: RESULT_CONTENT[job.kind]?.(job) ?? '',
@@ -455,7 +455,7 @@ export class JobService {
       request: { ...common, experts: [id] },
     }));
     if (base.mode !== 'single') {
-      const label = base.mode === 'afa' ? (ensemble?.title ?? base.ensemble ?? MODE_LABELS.afa.name) : MODE_LABELS[base.mode].name;
+      const label = isEnsembleMode(base.mode) ? (ensemble?.title ?? base.ensemble ?? MODE_LABELS[base.mode].name) : MODE_LABELS[base.mode].name;
       plan.push({ label, request: { ...base, ...init, count: 1, contributions: false } });
     }
     const runs: { label: string; result: GenerateResult }[] = [];

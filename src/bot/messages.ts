@@ -1,6 +1,6 @@
 // What the bot's messages say and look like: queue position, progress, results, failures.
 import { ActionRowBuilder, ButtonBuilder, ButtonStyle, EmbedBuilder, type APIActionRowComponent, type APIButtonComponentWithCustomId, type APIEmbed } from 'discord.js';
-import type { GenerateRequest, PackageInfo, ResolvedParams } from '../engine/api.ts';
+import { isEnsembleMode, type GenerateRequest, type PackageInfo, type ResolvedParams } from '../engine/api.ts';
 import { MODE_LABELS, schedulerLabel } from '../engine/labels.ts';
 import type { JobKind, JobRecord } from '../store/job-store.ts';
 import { buttonId } from './custom-ids.ts';
@@ -52,7 +52,7 @@ export function describeModels(request: Pick<GenerateRequest, 'mode' | 'ensemble
   const ensemble = request.ensemble ? info.ensembles.find((e) => e.id === request.ensemble) : undefined;
   const experts = request.experts ?? ensemble?.experts ?? [];
   const titles = experts.map((id) => expertTitle(info, id)).join(' + ');
-  if (request.mode === 'afa') return `${ensemble?.title ?? request.ensemble ?? MODE_LABELS.afa.name}: ${titles}`;
+  if (isEnsembleMode(request.mode)) return `${ensemble?.title ?? request.ensemble ?? MODE_LABELS[request.mode].name}: ${titles}`;
   if (request.mode === 'single') return titles;
   return `${titles} (${request.mode})`;
 }

@@ -1,6 +1,7 @@
-// The /imagine `model` option: an ensemble id (AFA), an expert id (single model) or `a+b[+c]`
+// The /imagine `model` option: an ensemble id (AFA or fuse, by its method), an expert id (single model) or `a+b[+c]`
 // (a combination of experts), and its autocomplete answered from the package info in memory.
-import type { EnsembleInfo, Mode, PackageInfo } from '../engine/api.ts';
+import { isEnsembleMode, type EnsembleInfo, type EnsembleMethod, type Mode, type PackageInfo } from '../engine/api.ts';
+import { MODE_LABELS } from '../engine/labels.ts';
 
 export interface ModelSelection {
   mode: Mode;
@@ -23,16 +24,47 @@ function sameSet(a: string[], b: string[]): boolean {
   return a.length === b.length && a.every((id) => b.includes(id));
 }
 
-/** An AFA ensemble that can run exactly these experts (the whole ensemble, or a subset when it supports subsets). */
-function ensembleFor(info: PackageInfo, experts: string[]): EnsembleInfo | undefined {
+/**
+ * An ensemble of `method` (any method when absent; AFA before fuse) that can run exactly these
+ * experts: the whole ensemble, or a subset when it supports subsets.
+ */
+function ensembleFor(info: PackageInfo, experts: string[], method?: EnsembleMethod): EnsembleInfo | undefined {
+  if (method === undefined) return ensembleFor(info, experts, 'afa') ?? ensembleFor(info, experts, 'fuse');
+  const ofMethod = info.ensembles.filter((e) => e.method === method);
   return (
-    info.ensembles.find((e) => sameSet(e.experts, experts)) ??
-    info.ensembles.find((e) => e.subsets && experts.every((id) => e.experts.includes(id)))
+    ofMethod.find((e) => sameSet(e.experts, experts)) ??
+    ofMethod.find((e) => e.subsets && experts.every((id) => e.experts.includes(id)))
   );
 }
 
 function expertList(info: PackageInfo): string {
   return info.experts.map((e) => e.id).join(', ');
+}
+
+/** "fuse, average or merge": the other ways to combine experts (the other ensemble mode when the package has one). */
+function otherModes(info: PackageInfo, method: EnsembleMethod): string {
+  const modes = [...new Set(info.ensembles.filter((e) => e.method !== method).map((e) => e.method)), 'average', 'merge'];
+  return `${modes.slice(0, -1).join(', ')} or ${modes[modes.length - 1]}`;
+}
+
+/** Why mode afa or fuse cannot run: the package has no ensemble of that kind. */
+function noEnsembleMessage(info: PackageInfo, method: EnsembleMethod): string {
+  return method === 'afa'
+    ? `This model package has no trained AFA ensemble; use mode ${otherModes(info, method)}, or single.`
+    : `This model package has no fuse ensemble (training-free feature fusion); use mode ${otherModes(info, method)}. ` +
+        'Whoever runs the bot can add one with `python3 -m trainer.export --add-to <package> --method fuse --experts a,b,c`.';
+}
+
+function ensembleSelection(ensemble: EnsembleInfo, experts: string[] = ensemble.experts): ModelChoiceResult {
+  return {
+    ok: true,
+    selection: {
+      mode: ensemble.method,
+      ensemble: ensemble.id,
+      ...(sameSet(ensemble.experts, experts) ? {} : { experts: [...experts] }),
+      expertIds: [...experts],
+    },
+  };
 }
 
 export function resolveModelChoice(value: string | null | undefined, mode: Mode | null | undefined, info: PackageInfo): ModelChoiceResult {
@@ -43,15 +75,22 @@ export function resolveModelChoice(value: string | null | undefined, mode: Mode 
 
   const ensemble = findId(info.ensembles, typed);
   if (ensemble) {
-    switch (mode ?? 'afa') {
-      case 'afa':
-        return { ok: true, selection: { mode: 'afa', ensemble: ensemble.id, expertIds: [...ensemble.experts] } };
-      case 'average':
-      case 'merge':
-        return { ok: true, selection: { mode: mode!, experts: [...ensemble.experts], expertIds: [...ensemble.experts] } };
-      case 'single':
-        return { ok: false, message: `Mode single needs one expert, not the ensemble ${ensemble.id}. Experts: ${expertList(info)}.` };
+    const wanted = mode ?? ensemble.method;
+    if (isEnsembleMode(wanted)) {
+      if (ensemble.method === wanted) return ensembleSelection(ensemble);
+      // The other kind of ensemble over the same experts (e.g. model trio, mode fuse).
+      const sibling = ensembleFor(info, ensemble.experts, wanted);
+      if (sibling) return ensembleSelection(sibling, ensemble.experts);
+      if (!info.ensembles.some((e) => e.method === wanted)) return { ok: false, message: noEnsembleMessage(info, wanted) };
+      return {
+        ok: false,
+        message: `${ensemble.id} is ${ensemble.method === 'afa' ? 'a trained AFA' : 'a fuse'} ensemble and no ${MODE_LABELS[wanted].name} ensemble combines its experts (${ensemble.experts.join('+')}); choose mode ${otherModes(info, wanted)}.`,
+      };
     }
+    if (wanted === 'single') {
+      return { ok: false, message: `Mode single needs one expert, not the ensemble ${ensemble.id}. Experts: ${expertList(info)}.` };
+    }
+    return { ok: true, selection: { mode: wanted, experts: [...ensemble.experts], expertIds: [...ensemble.experts] } };
   }
 
   const expert = findId(info.experts, typed);
@@ -71,10 +110,11 @@ export function resolveModelChoice(value: string | null | undefined, mode: Mode 
 function defaultChoice(mode: Mode | null | undefined, info: PackageInfo): ModelChoiceResult {
   const firstEnsemble = info.ensembles[0];
   const firstExpert = info.experts[0];
-  const wanted = mode ?? (firstEnsemble ? 'afa' : 'single');
-  if (wanted === 'afa') {
-    if (!firstEnsemble) return { ok: false, message: 'This model package has no trained AFA ensemble; use mode average, merge or single.' };
-    return { ok: true, selection: { mode: 'afa', ensemble: firstEnsemble.id, expertIds: [...firstEnsemble.experts] } };
+  const wanted = mode ?? firstEnsemble?.method ?? 'single';
+  if (isEnsembleMode(wanted)) {
+    const ensemble = info.ensembles.find((e) => e.method === wanted);
+    if (!ensemble) return { ok: false, message: noEnsembleMessage(info, wanted) };
+    return ensembleSelection(ensemble);
   }
   if (wanted === 'single') {
     if (!firstExpert) return { ok: false, message: 'This model package has no experts.' };
@@ -97,31 +137,25 @@ function combinationChoice(typed: string, mode: Mode | null | undefined, info: P
     if (experts.includes(expert.id)) return { ok: false, message: `${expert.id} appears twice in "${typed}".` };
     experts.push(expert.id);
   }
-  const ensemble = ensembleFor(info, experts);
-  const wanted = mode ?? (ensemble ? 'afa' : 'average');
-  switch (wanted) {
-    case 'single':
-      return { ok: false, message: `Mode single takes one expert, not ${experts.length}; drop the + or choose average, merge or afa.` };
-    case 'afa':
-      if (!ensemble) {
-        return {
-          ok: false,
-          message: `No trained AFA ensemble combines ${experts.join('+')}; use mode average or merge, or an ensemble from /models.`,
-        };
-      }
+  const wanted = mode ?? ensembleFor(info, experts)?.method ?? 'average';
+  if (isEnsembleMode(wanted)) {
+    const ensemble = ensembleFor(info, experts, wanted);
+    if (!ensemble) {
+      if (!info.ensembles.some((e) => e.method === wanted)) return { ok: false, message: noEnsembleMessage(info, wanted) };
       return {
-        ok: true,
-        selection: {
-          mode: 'afa',
-          ensemble: ensemble.id,
-          ...(sameSet(ensemble.experts, experts) ? {} : { experts }),
-          expertIds: experts,
-        },
+        ok: false,
+        message:
+          wanted === 'afa'
+            ? `No trained AFA ensemble combines ${experts.join('+')}; use mode ${otherModes(info, wanted)}, or an ensemble from /models.`
+            : `No fuse ensemble combines ${experts.join('+')}; use mode ${otherModes(info, wanted)}, or an ensemble from /models.`,
       };
-    case 'average':
-    case 'merge':
-      return { ok: true, selection: { mode: wanted, experts, expertIds: experts } };
+    }
+    return ensembleSelection(ensemble, experts);
   }
+  if (wanted === 'single') {
+    return { ok: false, message: `Mode single takes one expert, not ${experts.length}; drop the + or choose average, merge, fuse or afa.` };
+  }
+  return { ok: true, selection: { mode: wanted, experts, expertIds: experts } };
 }
 
 function truncateName(name: string): string {
@@ -158,7 +192,7 @@ export function modelSuggestions(typedRaw: string, info: PackageInfo): { name: s
   const matches = (...texts: string[]): boolean => typed === '' || texts.some((t) => t.toLowerCase().includes(typed));
   for (const ensemble of info.ensembles) {
     if (matches(ensemble.id, ensemble.title, ...ensemble.experts)) {
-      add(`${ensemble.title} — AFA ensemble of ${ensemble.experts.map(title).join(', ')}`, ensemble.id);
+      add(`${ensemble.title} — ${MODE_LABELS[ensemble.method].name} ensemble of ${ensemble.experts.map(title).join(', ')}`, ensemble.id);
     }
   }
   for (const expert of info.experts) {
@@ -176,5 +210,5 @@ export function modelSuggestions(typedRaw: string, info: PackageInfo): { name: s
 function describeCombination(experts: string[], info: PackageInfo): string {
   const titles = experts.map((id) => info.experts.find((e) => e.id === id)?.title ?? id).join(' + ');
   const ensemble = ensembleFor(info, experts);
-  return ensemble ? `${titles} — AFA (${ensemble.id})` : `${titles} — average`;
+  return ensemble ? `${titles} — ${MODE_LABELS[ensemble.method].name} (${ensemble.id})` : `${titles} — average`;
 }

@@ -2,13 +2,13 @@
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
-import { SCHEDULER_NAMES, type GenerateRequest, type GenerateResult, type Mode, type SchedulerName } from '../engine/api.ts';
+import { isEnsembleMode, MODES, SCHEDULER_NAMES, type GenerateRequest, type GenerateResult, type Mode, type SchedulerName } from '../engine/api.ts';
 import { MODE_LABELS } from '../engine/labels.ts';
 import { Engine } from '../engine/pipeline.ts';
 import { encodePng, loadRgbImage, renderContributionPanel, renderGrid } from '../engine/render/index.ts';
 import { defaultModelDir, exitWithError, parseNumber, UsageError } from './args.ts';
 
-const USAGE = `usage: npm run imagine -- "<prompt>" [--model-dir DIR] [--ensemble ID | --experts a,b[,c] --mode single|average|merge [--weights w1,w2,…]]
+const USAGE = `usage: npm run imagine -- "<prompt>" [--model-dir DIR] [--ensemble ID | --experts a,b[,c] --mode single|average|merge|fuse|afa [--weights w1,w2,…]]
        [--seed N] [--steps N] [--guidance F] [--scheduler ${SCHEDULER_NAMES.join('|')}] [--karras] [--negative TEXT]
        [--count N] [--width N --height N] [--image FILE [--strength F]] [--contributions] [--compare] [--prompts FILE] [--out DIR] [--json]
   --image starts from a picture (image-to-image; scaled and centre-cropped to the size drawn);
@@ -81,15 +81,19 @@ async function main(): Promise<void> {
   });
   const info = engine.info();
   const experts = values.experts ? values.experts.split(/[,+]/).map((s) => s.trim()).filter(Boolean) : undefined;
+  if (values.mode !== undefined && !MODES.includes(values.mode as Mode)) {
+    throw new UsageError(`--mode must be one of ${MODES.join(', ')} (got "${values.mode}").`);
+  }
   let mode = values.mode as Mode | undefined;
   if (!mode) {
-    if (values.ensemble) mode = 'afa';
+    // An ensemble runs in the mode of its method (afa: trained, fuse: training-free).
+    if (values.ensemble) mode = info.ensembles.find((e) => e.id === values.ensemble)?.method ?? 'afa';
     else if (experts && experts.length === 1) mode = 'single';
     else if (experts) mode = 'average';
-    else if (info.ensembles.length) mode = 'afa';
-    else mode = 'single';
+    else mode = info.ensembles[0]?.method ?? 'single';
   }
-  const ensemble = values.ensemble ?? (mode === 'afa' && !experts ? info.ensembles[0]?.id : undefined);
+  // Without --ensemble or --experts, mode afa / fuse takes the package's first ensemble of that method.
+  const ensemble = values.ensemble ?? (isEnsembleMode(mode) && !experts ? info.ensembles.find((e) => e.method === mode)?.id : undefined);
   const chosenExperts = experts ?? (mode === 'single' ? [info.experts[0].id] : undefined);
   if (values.scheduler && !SCHEDULER_NAMES.includes(values.scheduler as SchedulerName)) {
     throw new UsageError(`--scheduler must be one of ${SCHEDULER_NAMES.join(', ')} (got "${values.scheduler}").`);
@@ -189,7 +193,9 @@ async function main(): Promise<void> {
         const alone = await engine.generate({ ...base, prompt, mode: 'single', ensemble: undefined, experts: [id], count: 1, contributions: false });
         tiles.push({ image: alone.images[0].image, label: titles[id] ?? id });
       }
-      const label = result.params.mode === 'afa' ? `${MODE_LABELS.afa.name} ${result.params.ensemble}` : MODE_LABELS[result.params.mode].name;
+      const label = isEnsembleMode(result.params.mode)
+        ? `${MODE_LABELS[result.params.mode].name} ${result.params.ensemble}`
+        : MODE_LABELS[result.params.mode].name;
       tiles.push({ image: result.images[0].image, label });
       const file = path.join(outDir, `${tag}${slug(prompt)}-${seed}-compare.png`);
       await writeFile(file, await renderGrid(tiles));

@@ -12,10 +12,10 @@ try {
   } else {
     const lines = [`${info.name} ${info.version}${info.description ? ` — ${info.description}` : ''}`, '', 'Experts (mode single, average, merge):'];
     for (const e of info.experts) lines.push(`  ${e.id.padEnd(14)} ${e.title}${e.description ? ` — ${e.description}` : ''}`);
-    lines.push('', 'Ensembles (mode afa):');
+    lines.push('', 'Ensembles (mode afa: trained; fuse: training-free):');
     if (info.ensembles.length === 0) lines.push('  (none)');
     for (const e of info.ensembles) {
-      lines.push(`  ${e.id.padEnd(14)} ${e.title} [${e.experts.join(' + ')}]${e.subsets ? ' (any subset)' : ''}${e.description ? ` — ${e.description}` : ''}`);
+      lines.push(`  ${e.id.padEnd(14)} ${e.method.padEnd(5)} ${e.title} [${e.experts.join(' + ')}]${e.subsets ? ' (any subset)' : ''}${e.description ? ` — ${e.description}` : ''}`);
     }
     const d = info.defaults;
     lines.push('', `Defaults: ${d.steps} steps, guidance ${d.guidance}, ${d.scheduler}, ${d.width}x${d.height}`);

@@ -1,16 +1,37 @@
 // Plain, JSON-serialisable records exchanged between the engine and its clients (CLI, bot, queue,
 // remote workers). The engine knows nothing about Discord; the bot nothing about ONNX.
 
-export type Mode = 'single' | 'average' | 'merge' | 'afa';
+export type Mode = 'single' | 'average' | 'merge' | 'fuse' | 'afa';
 export type SchedulerName = 'ddim' | 'euler' | 'euler_a' | 'dpmpp_2m';
 export const SCHEDULER_NAMES: readonly SchedulerName[] = ['ddim', 'euler', 'euler_a', 'dpmpp_2m'];
-export const MODES: readonly Mode[] = ['single', 'average', 'merge', 'afa'];
+export const MODES: readonly Mode[] = ['single', 'average', 'merge', 'fuse', 'afa'];
+
+/** How an ensemble of the manifest fuses its experts: the mode that runs it has the same name. */
+export type EnsembleMethod = 'afa' | 'fuse';
+/**
+ * The modes that run one ensemble graph of the manifest, whose `method` is the mode: `afa` (a trained
+ * SABW aggregator) and `fuse` (training-free feature fusion). Both return contribution maps.
+ */
+export const ENSEMBLE_MODES: readonly EnsembleMethod[] = ['fuse', 'afa'];
+
+export function isEnsembleMode(mode: Mode): mode is EnsembleMethod {
+  return (ENSEMBLE_MODES as readonly string[]).includes(mode);
+}
+
+/** Whether results of this mode can carry contribution maps (several models share the picture). */
+export function modeHasContributions(mode: Mode): boolean {
+  return mode === 'average' || isEnsembleMode(mode);
+}
 
 /** What to generate. Unset numbers fall back to the package's defaults. */
 export interface GenerateRequest {
   prompt: string;
   negative?: string;
-  /** `afa`: an ensemble id (its experts are implied; `experts` may pick a subset when the graph supports it). */
+  /**
+   * `afa` / `fuse`: an ensemble id of that method (its experts are implied; `experts` may pick a subset
+   * when the graph supports it). Without it, the first ensemble of the mode's method that covers
+   * `experts` (or the first of that method).
+   */
   ensemble?: string;
   /** `single`: exactly one expert id; `average` / `merge`: two or more. */
   experts?: string[];
@@ -26,7 +47,7 @@ export interface GenerateRequest {
   count?: number;
   width?: number;
   height?: number;
-  /** Also return per-expert weight maps (afa: the aggregator's; average: the fixed weights). */
+  /** Also return per-expert weight maps (afa: the aggregator's; fuse: the training-free rule's; average: the fixed weights). */
   contributions?: boolean;
   /**
    * Send a preview of image 0 with the progress event of every ⌊steps / 5⌋-th step but the last.
@@ -132,7 +153,7 @@ export interface ExpertInfo {
 }
 
 export interface EnsembleInfo extends ExpertInfo {
-  method: 'afa' | 'fuse';
+  method: EnsembleMethod;
   experts: string[];
   subsets: boolean;
 }

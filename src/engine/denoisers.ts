@@ -1,13 +1,14 @@
 // One interface, four ways to turn (latents, t, text) into a prediction: a single expert, the
-// average of experts' predictions, a weight-space merge of experts, or a fused AFA ensemble graph.
-import { EngineError, type Mode } from './api.ts';
+// average of experts' predictions, a weight-space merge of experts, or one fused ensemble graph (an
+// AFA graph with its trained aggregator, or a training-free fuse graph: same inputs and outputs).
+import { EngineError, type EnsembleMethod, type Mode } from './api.ts';
 import type { EnsembleEntry, ExpertEntry } from './manifest.ts';
 import type { ModelPackage } from './model-package.ts';
 import type { FloatTensor, GraphSession } from './onnx-session.ts';
 
 export interface DenoiseOutput {
   prediction: Float32Array;
-  /** Per-expert weights `[batch, N, h, w]` (afa: the aggregator's softmax; average: the fixed weights). */
+  /** Per-expert weights `[batch, N, h, w]` (afa / fuse: the graph's `contributions`; average: the fixed weights). */
   weights?: Float32Array;
 }
 
@@ -148,8 +149,13 @@ export class MergeDenoiser implements Denoiser {
   }
 }
 
-export class AfaDenoiser implements Denoiser {
-  readonly mode = 'afa' as const;
+/**
+ * Runs an ensemble's fused graph: mode `afa` (a trained aggregator) or `fuse` (a training-free rule),
+ * the ensemble's method. Both graphs take every expert's text stacked `[N, batch, 77, D]` (and an
+ * `expert_mask` when they run subsets) and return the prediction and per-expert `contributions`.
+ */
+export class EnsembleDenoiser implements Denoiser {
+  readonly mode: EnsembleMethod;
   private readonly mask: Float32Array | undefined;
   /** Stacked `[N, batch, 77, D]` text per conditioning map: built once per generation, not per step. */
   private readonly stackedText = new WeakMap<Map<string, Conditioning>, { per: Conditioning[]; stacked: FloatTensor }>();
@@ -160,6 +166,7 @@ export class AfaDenoiser implements Denoiser {
     readonly experts: ExpertEntry[],
     private readonly session: GraphSession,
   ) {
+    this.mode = ensemble.method;
     session.require(UNET_INPUTS, ['contributions']);
     const subset = experts.length !== allExperts.length;
     if (subset) {
@@ -216,10 +223,14 @@ export async function createDenoiser(pkg: ModelPackage, choice: DenoiserChoice):
       );
     case 'merge':
       return new MergeDenoiser(choice.experts, await pkg.mergedUnet(choice.experts, choice.weights), choice.weights);
+    case 'fuse':
     case 'afa': {
       const ensemble = choice.ensemble!;
+      if (ensemble.method !== choice.mode) {
+        throw new EngineError('bad_request', `Ensemble "${ensemble.id}" is a ${ensemble.method} ensemble; run it with mode "${ensemble.method}".`);
+      }
       const all = ensemble.experts.map((id) => pkg.expert(id));
-      return new AfaDenoiser(ensemble, all, choice.experts, await pkg.session(ensemble.graph));
+      return new EnsembleDenoiser(ensemble, all, choice.experts, await pkg.session(ensemble.graph));
     }
   }
 }

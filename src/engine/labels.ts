@@ -15,6 +15,7 @@ export interface ModeLabel {
 
 export const MODE_LABELS: Readonly<Record<Mode, ModeLabel>> = {
   afa: { name: 'AFA', title: 'AFA ensemble', summary: 'trained ensemble (adaptive feature aggregation)' },
+  fuse: { name: 'Fuse', title: 'Fuse ensemble', summary: 'training-free ensemble (per-pixel feature fusion)' },
   average: { name: 'Average', title: 'Average', summary: 'mean of the models’ predictions' },
   merge: { name: 'Merge', title: 'Weight merge', summary: 'average of the models’ weights' },
   single: { name: 'Single model', title: 'Single model' },

@@ -1,9 +1,12 @@
 // Turns a GenerateRequest into fully specified parameters, or a clear EngineError saying what is wrong.
+import path from 'node:path';
 import {
   DEFAULT_STRENGTH,
   EngineError,
+  isEnsembleMode,
   MODES,
   SCHEDULER_NAMES,
+  type EnsembleMethod,
   type GenerateRequest,
   type Mode,
   type RgbImage,
@@ -68,39 +71,85 @@ function numberIn(name: string, value: unknown, min: number, max: number): numbe
   return value;
 }
 
+const METHOD_WORDS: Record<EnsembleMethod, string> = { afa: 'a trained AFA', fuse: 'a training-free fuse' };
+
+function listEnsembles(ensembles: EnsembleEntry[]): string {
+  return ensembles.map((e) => `${e.id} (${e.experts.join('+')})`).join(', ');
+}
+
+/** The folder as a person would type it: relative to the working folder when inside it. */
+function displayDir(dir: string): string {
+  const relative = path.relative(process.cwd(), dir);
+  return relative && !relative.startsWith('..') && !path.isAbsolute(relative) ? relative : dir;
+}
+
+/** Why no ensemble of `method` can run: the package has none of that method. */
+function noEnsembleOf(pkg: ModelPackage, method: EnsembleMethod, ids: string[]): EngineError {
+  const m = pkg.manifest;
+  const others = m.ensembles.filter((e) => e.method !== method);
+  const alternatives = [...new Set(others.map((e) => `"${e.method}"`)), '"average"', '"merge"'].join(', ');
+  if (method === 'fuse') {
+    const experts = (ids.length >= 2 ? ids : m.experts.map((e) => e.id)).join(',');
+    return new EngineError(
+      'unknown_model',
+      `Mode "fuse" needs a fuse ensemble, and this model package has none; add one with ` +
+        `python3 -m trainer.export --add-to ${displayDir(m.dir)} --method fuse --experts ${experts} (or use mode ${alternatives}).`,
+    );
+  }
+  return new EngineError('unknown_model', `Mode "afa" needs a trained ensemble, and this model package has none. Use ${alternatives}.`);
+}
+
+/**
+ * Mode `afa` or `fuse`: the ensemble named (it must be of the mode's method), or else the first one of
+ * that method covering the requested experts — one of exactly those experts first, then one that
+ * runs subsets — and the experts that take part.
+ */
+function chooseEnsemble(
+  pkg: ModelPackage,
+  mode: EnsembleMethod,
+  ensembleId: string | undefined,
+  ids: string[],
+): Pick<ResolvedRequest, 'mode' | 'ensemble' | 'experts' | 'weights'> {
+  const ofMethod = pkg.manifest.ensembles.filter((e) => e.method === mode);
+  let ensemble: EnsembleEntry;
+  if (ensembleId !== undefined) {
+    ensemble = pkg.ensemble(ensembleId);
+    if (ensemble.method !== mode) {
+      throw bad(
+        `Ensemble "${ensemble.id}" is ${METHOD_WORDS[ensemble.method]} ensemble: run it with mode "${ensemble.method}"` +
+          (ofMethod.length ? `, or pick ${METHOD_WORDS[mode]} ensemble for mode "${mode}": ${listEnsembles(ofMethod)}.` : '.'),
+      );
+    }
+  } else {
+    if (ofMethod.length === 0) throw noEnsembleOf(pkg, mode, ids);
+    for (const x of ids) pkg.expert(x);
+    const covering = ofMethod.filter((e) => ids.every((x) => e.experts.includes(x)));
+    if (covering.length === 0) {
+      throw bad(`Mode "${mode}" needs ${METHOD_WORDS[mode]} ensemble; none covers ${ids.join('+')}. Ensembles: ${listEnsembles(ofMethod)}.`);
+    }
+    ensemble =
+      covering.find((e) => e.experts.length === ids.length) ?? covering.find((e) => e.subsets) ?? covering[0];
+  }
+  const chosen = ids.length ? ids : ensemble.experts;
+  for (const x of chosen) {
+    pkg.expert(x);
+    if (!ensemble.experts.includes(x)) {
+      throw bad(`Expert "${x}" is not part of ensemble "${ensemble.id}" (${ensemble.experts.join(', ')}).`);
+    }
+  }
+  if (chosen.length !== ensemble.experts.length && !ensemble.subsets) {
+    throw bad(`Ensemble "${ensemble.id}" only works with all of its experts (${ensemble.experts.join(', ')}).`);
+  }
+  const experts = ensemble.experts.filter((x) => chosen.includes(x)).map((x) => pkg.expert(x));
+  return { mode, ensemble, experts, weights: experts.map(() => 1 / experts.length) };
+}
+
 function chooseModels(pkg: ModelPackage, req: GenerateRequest): Pick<ResolvedRequest, 'mode' | 'ensemble' | 'experts' | 'weights'> {
   const mode = req.mode;
   if (!MODES.includes(mode)) throw bad(`Unknown mode "${String(mode)}". Modes: ${MODES.join(', ')}.`);
   const ids = req.experts ?? [];
   if (new Set(ids).size !== ids.length) throw bad('Each expert may be named only once.');
-  if (mode === 'afa') {
-    let ensembleId = req.ensemble;
-    if (ensembleId === undefined) {
-      const candidates = pkg.manifest.ensembles.filter((e) => ids.length > 0 && ids.every((x) => e.experts.includes(x)));
-      if (candidates.length === 0) {
-        throw new EngineError(
-          pkg.manifest.ensembles.length ? 'bad_request' : 'unknown_model',
-          pkg.manifest.ensembles.length
-            ? `Mode "afa" needs a trained ensemble; none covers ${ids.join('+') || 'these experts'}. Ensembles: ${pkg.manifest.ensembles.map((e) => `${e.id} (${e.experts.join('+')})`).join(', ')}.`
-            : 'Mode "afa" needs a trained ensemble, and this model package has none. Use "average" or "merge".',
-        );
-      }
-      ensembleId = candidates[0].id;
-    }
-    const ensemble = pkg.ensemble(ensembleId);
-    const chosen = ids.length ? ids : ensemble.experts;
-    for (const x of chosen) {
-      pkg.expert(x);
-      if (!ensemble.experts.includes(x)) {
-        throw bad(`Expert "${x}" is not part of ensemble "${ensemble.id}" (${ensemble.experts.join(', ')}).`);
-      }
-    }
-    if (chosen.length !== ensemble.experts.length && !ensemble.subsets) {
-      throw bad(`Ensemble "${ensemble.id}" only works with all of its experts (${ensemble.experts.join(', ')}).`);
-    }
-    const experts = ensemble.experts.filter((x) => chosen.includes(x)).map((x) => pkg.expert(x));
-    return { mode, ensemble, experts, weights: experts.map(() => 1 / experts.length) };
-  }
+  if (isEnsembleMode(mode)) return chooseEnsemble(pkg, mode, req.ensemble, ids);
   let expertIds = ids;
   if (req.ensemble !== undefined) {
     const ensemble = pkg.ensemble(req.ensemble);
