@@ -14,7 +14,7 @@ import pickle
 import struct
 import sys
 import tempfile
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -92,11 +92,19 @@ def _check_entries(path: PathLike, entries: Dict[str, dict], data_len: int) -> L
     return spans
 
 
-def load_safetensors(path: PathLike, device: Union[str, torch.device] = "cpu") -> Dict[str, Tensor]:
-    """All tensors of a .safetensors file, in header order, each in its own storage."""
+def load_safetensors(path: PathLike, device: Union[str, torch.device] = "cpu",
+                     names: Optional[Iterable[str]] = None) -> Dict[str, Tensor]:
+    """The tensors of a .safetensors file (all, or only `names`), in header order, each in its own
+    storage; reading only some of them costs only their memory."""
     _require_little_endian()
     entries, _, start = read_safetensors_header(path)
     _check_entries(path, entries, os.path.getsize(path) - start)
+    if names is not None:
+        wanted = set(names)
+        absent = sorted(wanted - set(entries))
+        if absent:
+            raise KeyError(f"{path}: no tensor {absent[0]!r}" + (f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""))
+        entries = {k: v for k, v in entries.items() if k in wanted}
     out: Dict[str, Tensor] = {}
     with open(path, "rb") as f:
         for name, e in entries.items():
