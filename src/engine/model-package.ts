@@ -2,7 +2,7 @@ import { readFile } from 'node:fs/promises';
 import type { PackageInfo, SchedulerName } from './api.ts';
 import { EngineError } from './api.ts';
 import { loadManifest, type EnsembleEntry, type ExpertEntry, type Manifest } from './manifest.ts';
-import { mergeOnnxModels } from './onnx-merge.ts';
+import { mergedGraph } from './merge/cache.ts';
 import { GraphSession, type SessionOptions } from './onnx-session.ts';
 import { ClipTokenizer } from './tokenizer.ts';
 
@@ -117,7 +117,10 @@ export class ModelPackage {
     return this.schedulerConfigCache;
   }
 
-  /** A session over Σ wᵢ θᵢ of the experts' U-Nets, built once per (experts, weights). */
+  /**
+   * A session over Σ wᵢ θᵢ of the experts' U-Nets, opened once per (experts, weights) and kept in a
+   * small LRU; the merged graph itself is streamed to, and reused from, the engine's cache folder.
+   */
   mergedUnet(experts: ExpertEntry[], weights: number[]): Promise<GraphSession> {
     const key = experts.map((e, i) => `${e.id}:${weights[i].toFixed(6)}`).join('|');
     const cached = this.merged.get(key);
@@ -127,17 +130,9 @@ export class ModelPackage {
       return cached;
     }
     const build = (async () => {
-      const models = await Promise.all(
-        experts.map(async (e) => {
-          try {
-            return { label: `expert "${e.id}" (${e.unet})`, bytes: new Uint8Array(await readFile(e.unet)) };
-          } catch {
-            throw new EngineError('bad_package', `Missing graph: ${e.unet}`);
-          }
-        }),
-      );
-      const bytes = mergeOnnxModels(models, weights);
-      return GraphSession.open(bytes, this.options, `merge of ${experts.map((e) => e.id).join('+')}`);
+      const graphs = experts.map((e) => ({ label: `expert "${e.id}" (${e.unet})`, file: e.unet }));
+      const file = await mergedGraph(this.manifest.dir, graphs, weights);
+      return GraphSession.open(file, this.options);
     })();
     this.merged.set(key, build);
     build.catch(() => this.merged.delete(key));
