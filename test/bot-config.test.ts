@@ -121,6 +121,9 @@ test('deploy-commands registers every command for the guild when DISCORD_GUILD_I
     );
     assert.equal(imagine.options.find((o) => o.name === 'model')?.autocomplete, true);
     assert.equal(imagine.options.find((o) => o.name === 'scheduler')?.choices?.length, 4);
+    const modes = imagine.options.find((o) => o.name === 'mode')?.choices as { name: string; value: string }[];
+    assert.deepEqual(modes.map((c) => c.value), ['single', 'average', 'merge', 'fuse', 'afa']);
+    assert.match(modes[3].name, /^Fuse — training-free/);
     assert.ok(registered.every((c) => JSON.stringify(c.contexts) === '[0]'), 'server channels only');
     assert.equal(fake.requestsTo('PUT', /^\/applications\/\d+\/guilds\/\d+\/commands$/)[0].auth, `Bot ${fake.token}`);
 

@@ -128,7 +128,9 @@ function chooseEnsemble(
       throw bad(`Mode "${mode}" needs ${METHOD_WORDS[mode]} ensemble; none covers ${ids.join('+')}. Ensembles: ${listEnsembles(ofMethod)}.`);
     }
     ensemble =
-      covering.find((e) => e.experts.length === ids.length) ?? covering.find((e) => e.subsets) ?? covering[0];
+      ids.length === 0
+        ? covering[0]
+        : (covering.find((e) => e.experts.length === ids.length) ?? covering.find((e) => e.subsets) ?? covering[0]);
   }
   const chosen = ids.length ? ids : ensemble.experts;
   for (const x of chosen) {
