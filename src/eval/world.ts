@@ -64,3 +64,22 @@ export function caption(scene: Scene): string {
   const text = scene.objects.map(objectPhrase).join(' and ');
   return scene.background ? `${text}, ${scene.background} background` : text;
 }
+
+export type Rgb = readonly [number, number, number];
+
+/** The renderer's colours (trainer/demo/shapes.py's COLOUR_RGB), in COLOURS order. */
+export const PALETTE_RGB: Record<Colour, Rgb> = {
+  red: [220, 40, 40],
+  orange: [245, 140, 20],
+  yellow: [240, 220, 40],
+  green: [40, 170, 60],
+  blue: [40, 80, 220],
+  purple: [140, 60, 200],
+};
+
+/** The renderer's backgrounds (trainer/demo/shapes.py's BACKGROUND_RGB). */
+export const BACKGROUND_RGB: Record<Background, Rgb> = {
+  white: [255, 255, 255],
+  black: [0, 0, 0],
+  gray: [128, 128, 128],
+};
