@@ -15,9 +15,10 @@ export const MERGED_KEEP = 4;
 /** Temporary folders older than this are left-overs of a crash. */
 const STALE_TMP_MS = 24 * 3600 * 1000;
 
-/** Weights as the cache keys and merges them: rounded to 6 decimals (like the session cache's key). */
+/** Weights as the cache keys and merges them: normalised to sum 1, rounded to 6 decimals. */
 export function roundWeights(weights: number[]): number[] {
-  return weights.map((w) => Number(w.toFixed(6)));
+  const total = weights.reduce((s, w) => s + w, 0);
+  return weights.map((w) => (total > 0 ? Number((w / total).toFixed(6)) : w));
 }
 
 /** The cache folder name for these graphs and weights (reads the graphs' headers and stats). */
