@@ -33,8 +33,10 @@ const median = (xs: number[]) => {
 
 const engine = await Engine.load(modelDir, { executionProvider: (process.env.EXECUTION_PROVIDER as 'cpu' | 'cuda') ?? 'cpu' });
 const info = engine.info();
-const ensemble = info.ensembles[0];
+const ensemble = info.ensembles.find((e) => e.method === 'afa');
 const experts = ensemble ? ensemble.experts : info.experts.slice(0, 3).map((e) => e.id);
+// The training-free fuse ensemble of the same experts (issue 18), when the package has one.
+const fuse = info.ensembles.find((e) => e.method === 'fuse' && e.experts.length === experts.length && experts.every((x) => e.experts.includes(x)));
 const prompt = 'a red circle on the left and a blue square on the right, white background';
 
 const cases: { key: string; request: Omit<GenerateRequest, 'prompt' | 'seed'> }[] = [
@@ -42,6 +44,7 @@ const cases: { key: string; request: Omit<GenerateRequest, 'prompt' | 'seed'> }[
   { key: 'average', request: { mode: 'average', experts } },
   { key: 'merge', request: { mode: 'merge', experts } },
 ];
+if (fuse) cases.push({ key: 'fuse', request: { mode: 'fuse', ensemble: fuse.id } });
 if (ensemble) cases.push({ key: 'afa', request: { mode: 'afa', ensemble: ensemble.id } });
 
 const stepMs = new Map<string, number[]>();
@@ -108,6 +111,7 @@ const step = {
   single: experts.reduce((s, id) => s + median(stepMs.get(`single:${id}`)!), 0) / experts.length,
   average: median(stepMs.get('average')!),
   merge: median(stepMs.get('merge')!),
+  fuse: fuse ? median(stepMs.get('fuse')!) : null,
   afa: ensemble ? median(stepMs.get('afa')!) : null,
 };
 
@@ -115,6 +119,7 @@ const result = {
   package: `${info.name}@${info.version}`,
   step_ms: step,
   afa_over_singles: step.afa !== null ? step.afa / singleSum : null,
+  fuse_over_singles: step.fuse !== null ? step.fuse / singleSum : null,
   overhead: median(overheads),
   end_to_end_ms: median(endToEnd),
   peak_rss_mb: process.resourceUsage().maxRSS / 1024,
@@ -123,8 +128,8 @@ const result = {
 const f = (x: number | null, d = 2) => (x === null ? 'n/a' : x.toFixed(d));
 log(
   [
-    `ms per step: single ${f(step.single)} (mean over ${experts.length} experts), average ${f(step.average)}, merge ${f(step.merge)}, afa ${f(step.afa)}`,
-    `afa / sum of its experts' single steps: ${f(result.afa_over_singles)} (target ≤ 1.25)`,
+    `ms per step: single ${f(step.single)} (mean over ${experts.length} experts), average ${f(step.average)}, merge ${f(step.merge)}, fuse ${f(step.fuse)}, afa ${f(step.afa)}`,
+    `afa / sum of its experts' single steps: ${f(result.afa_over_singles)} (target ≤ 1.25); fuse: ${f(result.fuse_over_singles)}`,
     `engine overhead (loop wall time / time in session.run): ${f(result.overhead, 3)} (target ≤ 1.05)`,
     `end to end (default generation): ${f(result.end_to_end_ms, 1)} ms; peak RSS ${f(result.peak_rss_mb, 0)} MB`,
     `PyTorch reference / engine (AFA, tiny fixture): ${f(torchOverEngine)} (target > 1)`,
