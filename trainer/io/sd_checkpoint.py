@@ -9,6 +9,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from trainer.io.ldm_ema import ldm_unet_from_state
 from trainer.io.safetensors import PathLike, load_state_dict_file, save_safetensors
 from trainer.models.unet import CROSS_ATTN_DOWN, CROSS_ATTN_UP, UNet2DConditionModel, UNetConfig
 
@@ -182,11 +183,16 @@ def diffusers_to_ldm_unet_state_dict(state_dict: Mapping[str, Tensor], config: U
 def extract_ldm_unet(checkpoint: Mapping[str, Tensor], use_ema: bool = False) -> Dict[str, Tensor]:
     """The U-Net tensors of a full SD checkpoint, without the 'model.diffusion_model.' prefix.
 
-    With use_ema the EMA copies are used ('model_ema.' + the key without its dots after 'model.').
+    With use_ema the EMA copies are used ('model_ema.' + the key without its dots after 'model.'); an
+    EMA-only checkpoint (no 'model.diffusion_model.' tensors) gives its EMA copy either way.
     """
     unet = {k[len(LDM_UNET_PREFIX):]: v for k, v in checkpoint.items() if k.startswith(LDM_UNET_PREFIX)}
     if not unet and not use_ema and "input_blocks.0.0.weight" in checkpoint:
         return dict(checkpoint)  # already a bare LDM U-Net state dict
+    if not unet:
+        unet = ldm_unet_from_state(checkpoint)  # EMA-only: the U-Net is there only as LitEma's copy
+        if unet:
+            return unet
     if not unet:
         sample = _describe(list(checkpoint)[:200], limit=6)
         raise ValueError(f"no U-Net tensors under '{LDM_UNET_PREFIX}' in this checkpoint (keys: {sample})")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Dict, Mapping, Optional
+from typing import Dict, Iterable, Mapping, Optional
 
 from torch import Tensor
 
@@ -31,15 +31,20 @@ OPEN_CLIP_PREFIX = "cond_stage_model.model."
 def extract_ldm_text_encoder(checkpoint: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     """The text encoder's tensors of a single-file checkpoint, in Hugging Face CLIPTextModel names
     (`text_model.…`); empty when the file has none. The legacy position_ids buffer is dropped."""
-    out: Dict[str, Tensor] = {}
-    for key, value in checkpoint.items():
+    return {hf: checkpoint[name] for hf, name in ldm_text_encoder_names(checkpoint).items()}
+
+
+def ldm_text_encoder_names(names: Iterable[str]) -> Dict[str, str]:
+    """Hugging Face name → the checkpoint's name, for the text encoder's tensors among `names`."""
+    out: Dict[str, str] = {}
+    for key in names:
         if not key.startswith(LDM_TEXT_PREFIX):
             continue
         rest = key[len(LDM_TEXT_PREFIX):]
         if not rest.startswith(HF_PREFIX):
             rest = HF_PREFIX + rest  # transformers 3.x names: embeddings.…, encoder.…, final_layer_norm.…
         if rest != HF_POSITION_IDS_KEY:
-            out[rest] = value
+            out[rest] = key
     return out
 
 

@@ -28,6 +28,7 @@ LAYERS: Dict[str, int] = {
     "export": 3,     # ONNX graphs, fp16, parity, manifests, packages
     "fixture": 4,    # the engine's tiny test package
     "demo": 4,       # the shapes-world demo zoo and its build
+    "importer": 4,   # SD1.x checkpoints -> a package (npm run import)
 }
 ROOT = "trainer"          # trainer/__init__.py: REPO_ROOT only; anything may import it
 COMMAND = "<command>"     # trainer/<name>.py: the `python3 -m trainer.<name>` shims
@@ -40,6 +41,7 @@ COMMANDS = {
     "trainer.eval_reference": "trainer.demo.eval_reference",
     "trainer.routing_signal": "trainer.demo.routing_signal",
     "trainer.fixture": "trainer.fixture.tiny",
+    "trainer.importer": "trainer.importer.cli",
 }
 
 

@@ -10,7 +10,8 @@ from trainer.io.sd_checkpoint import diffusers_to_ldm_unet_state_dict
 from trainer.io.sd_text_encoder import (LDM_TEXT_PREFIX, config_from_hf, extract_ldm_text_encoder,
                                         hf_to_ldm_text_encoder_state_dict, infer_text_encoder_config,
                                         text_encoder_from_state_dict)
-from trainer.io.sd_unet_layout import check_ldm_unet, ema_name_to_ldm, ema_unet_names, infer_unet_config
+from trainer.io.ldm_ema import ema_name_to_ldm, ema_unet_names
+from trainer.io.sd_unet_layout import check_ldm_unet, infer_unet_config
 from trainer.io.sd_vae import (LDM_VAE_PREFIX, diffusers_to_ldm_vae_state_dict, infer_vae_config,
                                ldm_to_diffusers_vae_state_dict, vae_from_state_dict, vae_state_dict_from_any)
 from trainer.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
@@ -129,3 +130,20 @@ def test_load_safetensors_reads_only_the_named_tensors(tmp_path):
     assert list(load_safetensors(path, names=["b"])) == ["b"]
     with pytest.raises(KeyError, match="no tensor 'c'"):
         load_safetensors(path, names=["a", "c"])
+
+
+def test_an_ema_only_single_file_loads_its_ema_copy(tmp_path):
+    from trainer.io.sd_checkpoint import load_single_file_unet
+
+    config = UNetConfig(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+                        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                        attention_head_dim=8, norm_num_groups=32)
+    model = _randomize(UNet2DConditionModel(config))
+    ldm = diffusers_to_ldm_unet_state_dict(model.state_dict(), config)
+    ema = {"model_ema." + ("diffusion_model." + k).replace(".", ""): v for k, v in ldm.items()}
+    ema["model_ema.decay"] = torch.tensor(0.999)
+    save_safetensors(ema, tmp_path / "ema.safetensors")
+    loaded = load_single_file_unet(tmp_path / "ema.safetensors", config)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
