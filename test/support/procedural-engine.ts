@@ -172,9 +172,9 @@ export class ProceduralTestEngine implements EngineClient {
 
   private resolveExperts(request: GenerateRequest): string[] {
     const known = PROCEDURAL_PACKAGE_INFO.experts.map((e) => e.id);
-    if (request.mode === 'afa') {
-      const ensemble = PROCEDURAL_PACKAGE_INFO.ensembles.find((e) => e.id === request.ensemble);
-      if (!ensemble) throw new EngineError('unknown_model', `unknown ensemble "${request.ensemble}"`);
+    if (request.mode === 'afa' || request.mode === 'fuse') {
+      const ensemble = PROCEDURAL_PACKAGE_INFO.ensembles.find((e) => e.id === request.ensemble && e.method === request.mode);
+      if (!ensemble) throw new EngineError('unknown_model', `no ${request.mode} ensemble "${request.ensemble}"`);
       return request.experts ?? ensemble.experts;
     }
     const experts = request.experts ?? [];
