@@ -17,6 +17,7 @@ from trainer.export.graphs import (GraphReport, export_afa, export_text_encoder,
 from trainer.export.manifest import FORMAT, FORMAT_VERSION, write_manifest
 from trainer.export.parity import Check
 from trainer.models.afa import AFAEnsemble
+from trainer.models.fusion import FusionEnsemble
 from trainer.models.text_encoder import CLIPTextEncoder
 from trainer.models.unet import UNet2DConditionModel
 from trainer.models.vae import AutoencoderKL
@@ -24,7 +25,8 @@ from trainer.models.vae import AutoencoderKL
 
 @dataclass
 class EnsembleSpec:
-    """An AFA ensemble to export, with the ids of its experts in the order of its U-Nets."""
+    """An ensemble to export, with the ids of its experts in the order of its U-Nets: an AFAEnsemble (method
+    "afa") or a training-free FusionEnsemble (method "fuse")."""
 
     ensemble: AFAEnsemble
     experts: List[str]
@@ -43,6 +45,15 @@ def architecture_tag(unet: UNet2DConditionModel) -> str:
     """A short tag equal for U-Nets of identical config (hence identical graph structure)."""
     text = json.dumps(unet.config.to_dict(), sort_keys=True)
     return "sd-unet-" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:10]
+
+
+def ensemble_method(ensemble: AFAEnsemble) -> str:
+    """The manifest's `method` of an ensemble module: "fuse" for the training-free fusion, else "afa"."""
+    return "fuse" if isinstance(ensemble, FusionEnsemble) else "afa"
+
+
+def default_title(ens_id: str, method: str) -> str:
+    return f"{ens_id.capitalize()} ({'Fuse' if method == 'fuse' else 'AFA'})"
 
 
 def _ensemble_expert_ids(ens_id: str, ensemble: AFAEnsemble, experts: Mapping[str, nn.Module]) -> List[str]:
@@ -137,13 +148,14 @@ def save_package(out_dir: str, tokenizer_dir: str, text_encoder: CLIPTextEncoder
             raise ExportError(f"ensemble {ens_id!r} has {spec.ensemble.num_experts} U-Nets but names "
                               f"{len(spec.experts)} experts")
         rel = f"ensembles/{ens_id}/model.onnx"
-        record(export_afa(spec.ensemble, os.path.join(out_dir, rel), subsets=spec.subsets, name=f"afa {ens_id}",
+        method = ensemble_method(spec.ensemble)
+        record(export_afa(spec.ensemble, os.path.join(out_dir, rel), subsets=spec.subsets, name=f"{method} {ens_id}",
                           timestep_dtype="int64" if ens_id in int64_ids else "float32",
                           attention_mask=attention_mask, fp16=fp16, check=check, compact=compact))
         extra = dict(ensemble_fields.get(ens_id, {}))
         extra.pop("subsets", None)
-        entry = {"id": ens_id, "title": extra.pop("title", spec.title or f"{ens_id.capitalize()} (AFA)"),
-                 "description": extra.pop("description", spec.description), "method": "afa",
+        entry = {"id": ens_id, "title": extra.pop("title", spec.title or default_title(ens_id, method)),
+                 "description": extra.pop("description", spec.description), "method": method,
                  "experts": list(spec.experts), "graph": rel, "subsets": spec.subsets}
         entry.update(extra)
         ensemble_entries.append(entry)

@@ -1,5 +1,6 @@
 """Packages from trained model folders named in a JSON spec: `python3 -m trainer.export --spec
-package-spec.json --out models/<name> [--fp16] [--check auto|require|off]` (see package_from_spec)."""
+package-spec.json --out models/<name> [--fp16] [--check auto|require|off]` (see package_from_spec).
+`python3 -m trainer.export --add-to PKG --method fuse|afa …` adds an ensemble (trainer.export.add_to)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
+from trainer.export import add_to
 from trainer.export.errors import ExportError, ManifestError
 from trainer.export.package import EnsembleSpec, PackageResult, save_package
 from trainer.export.parity import Check, add_graph_arguments, check_from_arguments
@@ -74,6 +76,9 @@ def package_from_spec(spec_path: str, out_dir: str, *, fp16: bool = False, check
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--add-to" or a.startswith("--add-to=") for a in argv):
+        return add_to.main(argv)  # adding an ensemble to an existing package (trainer.export.add_to)
     parser = argparse.ArgumentParser(description="Export trained models into an ensemble-diffusion model package.")
     parser.add_argument("--spec", required=True, help="JSON spec naming the model folders (see package_from_spec)")
     parser.add_argument("--out", required=True, help="package folder to write (e.g. models/demo)")
