@@ -5,7 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { UsageError } from '../cli/args.ts';
 import type { ExecutionProvider } from '../engine/onnx-session.ts';
-import { renderContributionPanel, renderGrid, type GridTile } from '../engine/render/index.ts';
+import { encodePng, renderContributionPanel, renderGrid, type GridTile } from '../engine/render/index.ts';
 import { startEnginePool } from '../engine-host/engine-pool.ts';
 import { AttributeClassifier } from './classifier.ts';
 import { promptSetByName, type EvalPrompt, type PromptSetName } from './prompts.ts';
@@ -23,6 +23,10 @@ export interface EvaluationOptions {
   /** As typed, for the report. */
   command: string;
   steps?: number;
+  /** Classifier-free guidance for every mode (default: the package's). */
+  guidance?: number;
+  /** Also write every generated image to <figures folder>/images/<mode>/<prompt id>.png (to check the readings by eye). */
+  saveImages?: boolean;
   ensemble?: string;
   /** onnxruntime threads per engine (default: the cores divided among the jobs). */
   threads?: number;
@@ -128,10 +132,12 @@ export async function runEvaluation(options: EvaluationOptions): Promise<Evaluat
       }
     })();
     const shown = showcase(prompts);
-    const keep = new Set(shown.grid.map((p) => p.id));
+    const keep = new Set(options.saveImages ? prompts.map((p) => p.id) : shown.grid.map((p) => p.id));
     const steps = options.steps ?? info.defaults.steps;
+    const guidance = options.guidance ?? info.defaults.guidance;
+    const figuresDir = options.out.replace(/\.md$/i, '');
     log(
-      `eval of ${info.name}@${info.version}: ${prompts.length} prompts (${options.promptSet} set) × ${modes.length} modes, ${steps} steps, ` +
+      `eval of ${info.name}@${info.version}: ${prompts.length} prompts (${options.promptSet} set) × ${modes.length} modes, ${steps} steps, guidance ${guidance}, ` +
         `${jobs} engine${jobs > 1 ? 's' : ''} × ${threads || 'default'} thread${threads === 1 ? '' : 's'}` +
         (reference ? '' : `; no ${REFERENCE_FILE}, so no Fréchet distance`),
     );
@@ -146,7 +152,8 @@ export async function runEvaluation(options: EvaluationOptions): Promise<Evaluat
     const summaries: ModeSummary[] = [];
     for (const [i, mode] of modes.entries()) {
       log(`[${i + 1}/${modes.length}] ${mode.label}`);
-      const run = await runMode(engine, classifier, mode, prompts, { steps: options.steps, keepImages: keep, log, concurrency: jobs });
+      const run = await runMode(engine, classifier, mode, prompts, { steps: options.steps, guidance: options.guidance, keepImages: keep, log, concurrency: jobs });
+      if (options.saveImages) await saveImages(run, path.join(figuresDir, 'images'));
       const s = summarizeMode(run, byId, reference);
       runs.push(run);
       summaries.push(s);
@@ -154,7 +161,6 @@ export async function runEvaluation(options: EvaluationOptions): Promise<Evaluat
     }
     const targets = evaluateTargets(summaries);
 
-    const figuresDir = options.out.replace(/\.md$/i, '');
     const relative = (file: string) => path.relative(path.dirname(options.out), file).split(path.sep).join('/');
     await mkdir(figuresDir, { recursive: true });
     const files: string[] = [options.out];
@@ -199,7 +205,7 @@ export async function runEvaluation(options: EvaluationOptions): Promise<Evaluat
       date: new Date().toISOString().replace('T', ' ').replace(/\.\d+Z$/, ' UTC'),
       command: options.command,
       promptSet: { name: options.promptSet, single, pair: prompts.length - single },
-      generation: { steps, guidance: info.defaults.guidance, scheduler: info.defaults.scheduler, width: classifier.meta.size, height: classifier.meta.size },
+      generation: { steps, guidance, scheduler: info.defaults.scheduler, width: classifier.meta.size, height: classifier.meta.size },
       machine: {
         cpu: os.cpus()[0]?.model.trim() ?? 'unknown CPU',
         cores: os.cpus().length,
@@ -235,6 +241,13 @@ export async function runEvaluation(options: EvaluationOptions): Promise<Evaluat
     await classifier.dispose();
     await engine.dispose();
   }
+}
+
+/** Every kept image of a mode as <dir>/<mode key>/<prompt id>.png (the key's ':' becomes '-'). */
+async function saveImages(run: ModeRun, dir: string): Promise<void> {
+  const folder = path.join(dir, run.mode.key.replace(/[^a-z0-9_-]/gi, '-'));
+  await mkdir(folder, { recursive: true });
+  for (const [id, image] of run.kept) await writeFile(path.join(folder, `${String(id).padStart(3, '0')}.png`), await encodePng(image.image));
 }
 
 function fmt(x: number | null): string {

@@ -7,12 +7,14 @@ import type { ExecutionProvider } from '../engine/onnx-session.ts';
 import { runEvaluation } from './evaluate.ts';
 import type { PromptSetName } from './prompts.ts';
 
-const USAGE = `usage: npm run eval -- [--model-dir DIR] [--quick | --small] [--out FILE.md] [--steps N] [--ensemble ID] [--jobs N] [--threads N]
+const USAGE = `usage: npm run eval -- [--model-dir DIR] [--quick | --small] [--out FILE.md] [--steps N] [--guidance F] [--ensemble ID] [--jobs N] [--threads N] [--images]
 
   --quick   6 single-object + 2 two-object prompts (a smoke test)
   (default) 108 single-object + 36 two-object prompts (about 3.5 min for the demo on 2 idle CPU cores)
   --small   36 single-object + 24 two-object prompts (for a busy machine)
   --out     the report (default docs/results.md); figures go to the folder of the same name
+  --guidance  classifier-free guidance for every mode (default: the package's)
+  --images  also write every generated image under the figures folder (images/<mode>/<prompt id>.png)
   --jobs    engine threads generating at once (default: one per CPU core; 1 with EXECUTION_PROVIDER=cuda)
   --threads onnxruntime threads per engine (default: cores / jobs)`;
 
@@ -26,6 +28,8 @@ async function main(): Promise<void> {
       small: { type: 'boolean' },
       out: { type: 'string' },
       steps: { type: 'string' },
+      guidance: { type: 'string' },
+      images: { type: 'boolean' },
       ensemble: { type: 'string' },
       threads: { type: 'string' },
       jobs: { type: 'string' },
@@ -40,6 +44,8 @@ async function main(): Promise<void> {
   const promptSet: PromptSetName = values.quick ? 'quick' : values.small ? 'small' : 'full';
   const steps = parseNumber('steps', values.steps);
   if (steps !== undefined && (!Number.isInteger(steps) || steps < 1)) throw new UsageError('--steps must be a positive integer.');
+  const guidance = parseNumber('guidance', values.guidance);
+  if (guidance !== undefined && !(guidance >= 0 && guidance <= 50)) throw new UsageError('--guidance must be between 0 and 50.');
   const threads = parseNumber('threads', values.threads);
   if (threads !== undefined && (!Number.isInteger(threads) || threads < 0)) throw new UsageError('--threads must be a whole number ≥ 0.');
   const jobs = parseNumber('jobs', values.jobs);
@@ -53,6 +59,8 @@ async function main(): Promise<void> {
     out,
     command: ['npm run eval', ...(args.length ? ['--', ...args] : [])].join(' '),
     steps,
+    guidance,
+    saveImages: values.images ?? false,
     ensemble: values.ensemble,
     threads,
     jobs,

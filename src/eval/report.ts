@@ -65,8 +65,51 @@ export function formatDistance(x: number | null): string {
 
 function formatMargin(t: TargetResult): string {
   if (t.pass === null || t.margin === null) return 'not measured';
-  const size = t.unit === 'points' ? `${Math.abs(t.margin).toFixed(1)} points` : Math.abs(t.margin).toFixed(3);
+  const size =
+    t.unit === 'points' ? `${Math.abs(t.margin).toFixed(1)} points` : t.unit === 'objects' ? `${Math.abs(t.margin)} object${Math.abs(t.margin) === 1 ? '' : 's'}` : Math.abs(t.margin).toFixed(3);
+  if (t.pass && t.unit === 'objects') return 'pass';
   return t.pass ? `pass (by ${size})` : `**miss** (by ${size})`;
+}
+
+/** Colour and full match with the classifier's colour head (as before) and with the strict reading, side by side. */
+function colourComparison(summaries: ModeSummary[]): string[] {
+  const header = [
+    'mode',
+    'single colour: classifier',
+    'strict',
+    'single full: classifier',
+    '**strict**',
+    'two-object colour: classifier',
+    'strict',
+    'two-object full: classifier',
+    '**strict**',
+    'objects mixed / unclear',
+  ];
+  const rows = summaries.map((s) => [
+    s.label,
+    formatPercent(s.classifierSingle.attributes.colour),
+    formatPercent(s.single.attributes.colour),
+    formatPercent(s.classifierSingle.full),
+    `**${formatPercent(s.single.full)}**`,
+    formatPercent(s.classifierPair.attributes.colour),
+    formatPercent(s.pair.attributes.colour),
+    formatPercent(s.classifierPair.full),
+    `**${formatPercent(s.pair.full)}**`,
+    `${s.offColour.mixed} / ${s.offColour.unclear} of ${s.offColour.objects}`,
+  ]);
+  return [
+    '### Colour read by the classifier and read strictly',
+    '',
+    'The same images scored two ways: with the attribute classifier\'s colour heads (the reading of earlier reports, which ' +
+      'counts orange for yellow, blue for purple and orange-red for red as right) and with the strict pixel reading used in ' +
+      'the tables above. "Mixed": an object not of one colour (e.g. a purple-grey centre in a red circle); "unclear": its mean ' +
+      'colour lies between two palette colours.',
+    '',
+    `| ${header.join(' | ')} |`,
+    `|${header.map((_, i) => (i === 0 ? '---' : '---:')).join('|')}|`,
+    ...rows.map((r) => `| ${r.join(' | ')} |`),
+    '',
+  ];
 }
 
 function adherenceTable(summaries: ModeSummary[], kind: SetKind): string[] {
@@ -105,12 +148,15 @@ export function renderReport(r: ReportInput): string {
   out.push(
     '## Prompt adherence',
     '',
-    'Every prompt is generated once per mode with the same seed; the attribute classifier (`eval/classifier.onnx`) reads each ' +
-      'image back. An attribute column is the share of stated values read back correctly; **full match** is the share of images ' +
-      'with every stated attribute right and the right number of objects. Two-object prompts are read per half (left object, ' +
-      'right object); their position counts as right when both objects have their stated colour and shape in their stated half. ' +
-      'Fréchet is the distance between the classifier features of the generated images and of rendered world images (an FID ' +
-      'analogue, lower is better). Values in %.',
+    'Every prompt is generated once per mode with the same seed. Colours are read strictly from the pixels ' +
+      '(`src/eval/colour.ts`): each object\'s mean CIELAB colour (the whole image, or its half of a two-object image, ' +
+      'against the background of the image frame) must be nearest to the stated palette colour, with the second-nearest ' +
+      'at least 1.5 times as far, and 80% of its solid pixels must be that colour. Every other attribute is read by the ' +
+      'attribute classifier (`eval/classifier.onnx`). An attribute column is the share of stated values read back ' +
+      'correctly; **full match** is the share of images with every stated attribute right and the right number of objects. ' +
+      'Two-object prompts are read per half (left object, right object); their position counts as right when both objects ' +
+      'have their stated colour and shape in their stated half. Fréchet is the distance between the classifier features of ' +
+      'the generated images and of rendered world images (an FID analogue, lower is better). Values in %.',
     '',
     `### Single-object prompts (${n?.single.n ?? 0} per mode)`,
     '',
@@ -120,6 +166,7 @@ export function renderReport(r: ReportInput): string {
     '',
     ...adherenceTable(r.summaries, 'pair'),
     '',
+    ...colourComparison(r.summaries),
   );
 
   const experts = r.summaries.filter((s) => s.ownFamily);
@@ -132,15 +179,14 @@ export function renderReport(r: ReportInput): string {
     out.push('');
   }
 
-  const afa = r.summaries.find((s) => s.routing);
-  if (afa?.routing) {
-    const routing = afa.routing;
+  for (const ensemble of r.summaries.filter((s) => s.routing?.mean != null)) {
+    const routing = ensemble.routing!;
     out.push(
-      '### AFA routing',
+      `### Routing of ${ensemble.label}`,
       '',
-      `In the two-object ${afa.label} images, the weight (contribution map, averaged over steps and aggregation points) that ` +
+      `In the two-object ${ensemble.label} images, the weight (contribution map, averaged over steps and aggregation points) that ` +
         `the expert of each object's family carries in that object's half of the image: mean **${formatNumber(routing.mean)}** ` +
-        `over ${routing.n} objects (target ≥ 0.6); ${formatPercent(routing.atLeastTarget)}% of the halves reach 0.6.`,
+        `over ${routing.n} objects${ensemble.mode === 'afa' ? ' (target ≥ 0.6)' : ''}; ${formatPercent(routing.atLeastTarget)}% of the halves reach 0.6.`,
       '',
       '| object family | objects | mean weight of its expert |',
       '|---|---:|---:|',
@@ -176,7 +222,14 @@ export function renderReport(r: ReportInput): string {
       'background varied deterministically; two-object prompts put objects of two different families on the left and the ' +
       'right, six per ordered family pair in the full set. Seed of a prompt = 1000 + its index in the full set, the same in every mode.',
   );
-  out.push('- Modes: each expert alone, the average of their predictions, their weight-space merge (equal weights), and the AFA ensemble with contribution maps, all through the engine (`src/engine/pipeline.ts`).');
+  out.push(
+    '- Modes: each expert alone, the average of their predictions, their weight-space merge (equal weights), the training-free fuse ensemble and the AFA ensemble (both with contribution maps), all through the engine (`src/engine/pipeline.ts`).',
+  );
+  out.push(
+    '- Strict colour reading (`src/eval/colour.ts`, tested on the renderer\'s own images in `test/eval-colour.test.ts`): background = the median of the 2-px image frame; ' +
+      'object pixels = CIELAB ΔE > 25 from it; solid pixels = object pixels whose 8 neighbours are object pixels (thin shapes: the half farthest from the background); ' +
+      'their mean against the palette with a 1.5× nearest-colour margin (blue and purple are only ΔE 26 apart, red and orange 46), and 80% of them that colour one by one.',
+  );
   if (r.reference.status === 'ok') {
     const floor = (['single', 'pair'] as const)
       .map((k) => (r.reference.status === 'ok' && r.reference.floor[k] ? `${k} ${formatDistance(r.reference.floor[k]!.frechet)} at n = ${r.reference.floor[k]!.n}` : null))

@@ -3,10 +3,11 @@
 import type { EngineClient, GeneratedImage, GenerateRequest, PackageInfo } from '../engine/api.ts';
 import { MODE_LABELS } from '../engine/labels.ts';
 import type { ImageReader } from './classifier.ts';
+import { strictColourLabels, type ColourReading } from './colour.ts';
 import type { EvalPrompt } from './prompts.ts';
 import { routingShares, scoreReading, type PromptScore } from './scoring.ts';
 
-/** One row of the table: a way of generating (an expert alone, average, merge or AFA). */
+/** One row of the table: a way of generating (an expert alone, average, merge, fuse or AFA). */
 export interface EvalMode {
   key: string;
   label: string;
@@ -16,13 +17,14 @@ export interface EvalMode {
 }
 
 /**
- * The modes over the experts of `ensembleId` (default: the package's first ensemble; without one,
- * all experts and no AFA row): each expert alone, their average, their merge (when their graphs
- * have the same architecture) and AFA with contributions.
+ * The modes over the experts of `ensembleId` (default: the package's first AFA ensemble, else its
+ * first ensemble; without one, all experts and no ensemble rows): each expert alone, their average,
+ * their merge (when their graphs have the same architecture), the training-free fuse ensemble over
+ * the same experts (when the package has one) and AFA, both with contributions.
  */
 export function evalModes(info: PackageInfo, ensembleId?: string): { modes: EvalMode[]; notes: string[] } {
   const notes: string[] = [];
-  const ensemble = ensembleId ? info.ensembles.find((e) => e.id === ensembleId) : info.ensembles[0];
+  const ensemble = ensembleId ? info.ensembles.find((e) => e.id === ensembleId) : (info.ensembles.find((e) => e.method === 'afa') ?? info.ensembles[0]);
   if (ensembleId && !ensemble) {
     throw new Error(`no ensemble "${ensembleId}" in ${info.name} (ensembles: ${info.ensembles.map((e) => e.id).join(', ') || 'none'})`);
   }
@@ -43,21 +45,40 @@ export function evalModes(info: PackageInfo, ensembleId?: string): { modes: Eval
       modes.push({ key: 'merge', label: `${MODE_LABELS.merge.name} of ${experts.length}`, request: { mode: 'merge', experts: [...experts] } });
     }
   }
-  if (ensemble) {
-    modes.push({ key: `afa:${ensemble.id}`, label: `${MODE_LABELS.afa.name} ${ensemble.id}`, request: { mode: 'afa', ensemble: ensemble.id, contributions: true } });
-  } else {
+  if (!ensemble) {
     notes.push('AFA left out: the package has no ensemble');
+    return { modes, notes };
+  }
+  const sameExperts = (e: PackageInfo['ensembles'][number]) => e.experts.length === experts.length && experts.every((id) => e.experts.includes(id));
+  const fuse = ensemble.method === 'fuse' ? ensemble : info.ensembles.find((e) => e.method === 'fuse' && sameExperts(e));
+  const afa = ensemble.method === 'afa' ? ensemble : info.ensembles.find((e) => e.method === 'afa' && sameExperts(e));
+  if (fuse) {
+    modes.push({ key: `fuse:${fuse.id}`, label: `${MODE_LABELS.fuse.name} of ${experts.length}`, request: { mode: 'fuse', ensemble: fuse.id, contributions: true } });
+  } else {
+    notes.push(`fuse left out: the package has no fuse ensemble over ${experts.join(', ')} (add one with python3 -m trainer.export --add-to PKG --method fuse --experts ${experts.join(',')})`);
+  }
+  if (afa) {
+    modes.push({ key: `afa:${afa.id}`, label: `${MODE_LABELS.afa.name} ${afa.id}`, request: { mode: 'afa', ensemble: afa.id, contributions: true } });
+  } else {
+    notes.push(`AFA left out: the package has no AFA ensemble over ${experts.join(', ')}`);
   }
   return { modes, notes };
 }
 
 export interface PromptOutcome {
   promptId: number;
+  /** The classifier's labels, colours replaced by the strict reading's (colour.ts). */
   labels: Record<string, string>;
+  /** Scored on `labels`: the strict reading. */
   score: PromptScore;
-  /** Two-object AFA images: the weight of each object's family expert in its half [left, right]. */
+  /** The classifier's own colour labels and the score they give (the lenient reading the eval used before). */
+  classifierColours: Record<string, string>;
+  classifierScore: PromptScore;
+  /** What the strict reading saw of each object (the whole image, or the left and right halves). */
+  colourReadings: ColourReading[];
+  /** Two-object AFA and fuse images: the weight of each object's family expert in its half [left, right]. */
   routing?: [number, number] | null;
-  /** Mean contribution of each expert over the image (AFA). */
+  /** Mean contribution of each expert over the image (AFA, fuse). */
   shares?: number[];
   features: Float32Array;
 }
@@ -72,6 +93,8 @@ export interface ModeRun {
 
 export interface RunOptions {
   steps?: number;
+  /** Classifier-free guidance (default: the package's). */
+  guidance?: number;
   /** Generations in flight at once (an engine pool serves them; default 1). */
   concurrency?: number;
   keepImages?: ReadonlySet<number>;
@@ -109,6 +132,7 @@ export async function runMode(
         prompt: prompt.text,
         seed: prompt.seed,
         steps: options.steps,
+        ...(options.guidance !== undefined ? { guidance: options.guidance } : {}),
         width: size,
         height: size,
         count: 1,
@@ -134,13 +158,19 @@ export async function runMode(
   const readings = await classifier.classify(generated.map((g) => g.image));
   const outcomes = prompts.map((prompt, i): PromptOutcome => {
     const maps = generated[i].contributions;
+    const classifierLabels = readings[i].labels;
+    const strict = strictColourLabels(generated[i].image, prompt.scene);
+    const labels = { ...classifierLabels, ...strict.labels };
     const outcome: PromptOutcome = {
       promptId: prompt.id,
-      labels: readings[i].labels,
-      score: scoreReading(prompt.scene, readings[i].labels),
+      labels,
+      score: scoreReading(prompt.scene, labels),
+      classifierColours: Object.fromEntries(Object.keys(strict.labels).map((head) => [head, classifierLabels[head]])),
+      classifierScore: scoreReading(prompt.scene, classifierLabels),
+      colourReadings: strict.readings,
       features: readings[i].features,
     };
-    if (maps && mode.request.mode === 'afa') {
+    if (maps && (mode.request.mode === 'afa' || mode.request.mode === 'fuse')) {
       outcome.shares = maps.shares;
       if (prompt.kind === 'pair') outcome.routing = routingShares(prompt.scene, maps);
     }
