@@ -6,11 +6,11 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
-from typing import Dict, Mapping, Sequence, Tuple
+from typing import Dict, Mapping, Sequence, Set, Tuple
 
 import onnx
 import torch
-from onnx import TensorProto
+from onnx import TensorProto, external_data_helper
 from torch import Tensor, nn
 
 from trainer.models.text_encoder import CLIPTextEncoder
@@ -30,7 +30,11 @@ def onnx_export_kwargs() -> dict:
 
 def torch_export(module: nn.Module, args: Tuple[Tensor, ...], path: str, input_names: Sequence[str],
                   output_names: Sequence[str], dynamic_axes: Mapping[str, Mapping[int, str]]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """torch.onnx.export to `path`; a graph past 2 GiB, which torch writes with one external file per
+    tensor, is rewritten as save_onnx writes graphs (its weights in one `<name>_data` file)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    before = set(os.listdir(folder))
     with torch.no_grad(), warnings.catch_warnings():
         # shape-dependent Python branches (odd sizes, resizes) are intended; the ORT check covers them
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
@@ -39,10 +43,39 @@ def torch_export(module: nn.Module, args: Tuple[Tensor, ...], path: str, input_n
         torch.onnx.export(module, args, path, input_names=list(input_names), output_names=list(output_names),
                           dynamic_axes={k: dict(v) for k, v in dynamic_axes.items()}, opset_version=OPSET,
                           do_constant_folding=True, **onnx_export_kwargs())
+    if set(os.listdir(folder)) - before - {os.path.basename(path)}:
+        consolidate_external_data(path)
+
+
+def external_locations(model: onnx.ModelProto) -> Set[str]:
+    """The external data files a graph's tensors point to (relative to the graph's folder)."""
+    tensors = getattr(external_data_helper, "_get_all_tensors", lambda m: m.graph.initializer)(model)
+    return {entry.value for t in tensors if t.data_location == TensorProto.EXTERNAL
+            for entry in t.external_data if entry.key == "location"}
+
+
+def consolidate_external_data(path: str) -> None:
+    """A graph whose weights lie in external files (e.g. one per tensor, as torch.onnx.export writes a
+    graph past 2 GiB) rewritten by save_onnx: inline, or all weights in `<name>_data`. The old files go."""
+    model = onnx.load(path, load_external_data=False)
+    locations = external_locations(model)
+    if not locations:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    external_data_helper.load_external_data_for_model(model, folder)
+    for location in locations:
+        os.remove(os.path.join(folder, location))
+    save_onnx(model, path)
 
 
 def save_onnx(model: onnx.ModelProto, path: str) -> None:
-    """Writes a graph; weights go to `<name>_data` next to it when the protobuf would pass 2 GiB."""
+    """Writes a graph; weights go to `<name>_data` next to it when the protobuf would pass 2 GiB.
+
+    An existing `<name>_data` that the model does not read from is removed first (onnx appends to
+    an existing external data file, which would keep the old weights in it)."""
+    stale = path + "_data"
+    if os.path.exists(stale) and os.path.basename(stale) not in external_locations(model):
+        os.remove(stale)
     if model.ByteSize() > EXTERNAL_DATA_BYTES:
         onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=os.path.basename(path) + "_data", size_threshold=1024)
