@@ -8,7 +8,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, describe, test } from 'node:test';
 import { EngineError } from '../src/engine/api.ts';
-import { float32ToFloat16, floatFromHalfBits } from '../src/engine/float16.ts';
+import { float32ToFloat16, floatFromHalfBits, halfBitsFromFloat } from '../src/engine/float16.ts';
+import { float32ToHalfBits } from '../src/engine/merge/half.ts';
 import { readLayout } from '../src/engine/merge/layout.ts';
 import { mergeGraphs, type MergeInput } from '../src/engine/merge/stream-merge.ts';
 import { maxAbsDiff } from './helpers/fixture.ts';
@@ -109,6 +110,22 @@ describe('merging float16 experts', () => {
     const fp32 = await runUnet(await merge([input('alpha'), input('beta')], [0.5, 0.5]));
     assert.ok(maxAbsDiff(out, fp32) < 0.05, `within float16 rounding: ${maxAbsDiff(out, fp32)}`);
   });
+});
+
+test('the fast float16 rounding gives the bits of halfBitsFromFloat (ties, subnormals, overflow, NaN)', () => {
+  const special = [0, -0, 1, -1, 65504, 65519.99, 65520, 65536, -70000, Infinity, -Infinity, NaN, 2 ** -14, 2 ** -15, 2 ** -24, 2 ** -25, 3 * 2 ** -26, 1e-8, -6e-5];
+  // every tie between neighbouring float16 values of several binades, and values around them
+  const ties: number[] = [];
+  for (let h = 0x0001; h < 0x7bff; h += 97) {
+    const mid = (floatFromHalfBits(h) + floatFromHalfBits(h + 1)) / 2;
+    ties.push(mid, Math.fround(mid * (1 + 2 ** -23)), Math.fround(mid * (1 - 2 ** -23)), -mid);
+  }
+  const random = Array.from({ length: 20000 }, (_, i) => Math.sin(i * 12.9898) * 10 ** ((i % 14) - 9));
+  const values = Float32Array.from([...special, ...ties, ...random]);
+  const fast = new Uint16Array(values.length);
+  float32ToHalfBits(values, values.length, fast);
+  const slow = Uint16Array.from(values, (v) => halfBitsFromFloat(v));
+  for (let i = 0; i < values.length; i++) assert.equal(fast[i], slow[i], `value ${values[i]}`);
 });
 
 describe('refusals', () => {

@@ -6,7 +6,8 @@
 import { open, writeFile, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { EngineError } from '../api.ts';
-import { floatFromHalfBits, halfBitsFromFloat } from '../float16.ts';
+import { floatFromHalfBits } from '../float16.ts';
+import { float32ToHalfBits } from './half.ts';
 import { DataType, decodeVarintStorage, FLOAT_TYPES, readLayout, typeName, type ModelLayout, type TensorEntry } from './layout.ts';
 import { FileBytes, MessageWriter } from './protobuf.ts';
 
@@ -156,8 +157,10 @@ function encode(acc: Float64Array, n: number, dataType: number, out: ArrayBuffer
       break;
     }
     case DataType.FLOAT16: {
-      const o = new Uint16Array(out, 0, n);
-      for (let j = 0; j < n; j++) o[j] = halfBitsFromFloat(acc[j]);
+      // through float32, kept in the second half of the buffer
+      const f = new Float32Array(out, out.byteLength / 2, n);
+      for (let j = 0; j < n; j++) f[j] = acc[j];
+      float32ToHalfBits(f, n, new Uint16Array(out, 0, n));
       break;
     }
     case DataType.BFLOAT16: {
