@@ -472,8 +472,9 @@ def emulate_fp16(model16: onnx.ModelProto) -> onnx.ModelProto:
             continue
         rounded = [j for j, o in enumerate(n.output) if o and types.get(o) == FLOAT16]
         if n.op_type == "Cast":
-            n.attribute[:] = [a if a.name != "to" or a.i != FLOAT16 else helper.make_attribute("to", FLOAT)
-                              for a in n.attribute]
+            for a in n.attribute:
+                if a.name == "to" and a.i == FLOAT16:
+                    a.i = FLOAT
         elif n.op_type in MOVEMENT_OPS:
             rounded = []  # moves values that are float16 numbers already
         final = {}
