@@ -33,7 +33,10 @@ describe('engine on the tiny package', () => {
   test('info lists experts, ensembles and defaults', () => {
     const info = engine.info();
     assert.deepEqual(info.experts.map((e) => e.id), ['alpha', 'beta', 'odd']);
-    assert.deepEqual(info.ensembles.map((e) => [e.id, e.experts, e.subsets]), [['duo', ['alpha', 'beta'], true]]);
+    assert.deepEqual(info.ensembles.map((e) => [e.id, e.method, e.experts, e.subsets]), [
+      ['duo', 'afa', ['alpha', 'beta'], true],
+      ['fuse', 'fuse', ['alpha', 'beta'], true],
+    ]);
     assert.equal(info.defaults.width, 32);
   });
 
