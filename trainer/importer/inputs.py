@@ -91,7 +91,14 @@ class WeightFile:
         elif path.lower().endswith(".safetensors"):
             try:
                 entries, _, start = read_safetensors_header(path)
-                _check_entries(path, entries, os.path.getsize(path) - start)
+                data_len = os.path.getsize(path) - start
+                promised = max((e["data_offsets"][1] for e in entries.values() if isinstance(e, dict)
+                                and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2
+                                and isinstance(e["data_offsets"][1], int)), default=0)
+                if promised > data_len:
+                    raise ImportFailure(f"{self.display} is truncated: its header describes {promised} bytes of "
+                                        f"tensors, the file holds {data_len} (an interrupted download?)")
+                _check_entries(path, entries, data_len)
             except ValueError as e:
                 detail = str(e).replace(f"{path}: ", "")
                 raise ImportFailure(f"{self.display} is truncated or corrupt ({detail})") from None

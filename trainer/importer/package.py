@@ -180,7 +180,7 @@ def import_checkpoints(opts: ImportOptions, log: Callable[[str], None] = print) 
     if (opts.size is not None and opts.size <= 0) or (opts.steps is not None and not 1 <= opts.steps <= 1000):
         raise ImportFailure("--size must be a positive number of pixels and --steps 1–1000")
     sources = _open_all(opts.inputs, opts.allow_pickle)
-    ids, notes = expert_ids([(s.stem, s.display) for s in sources], opts.force)
+    ids, notes = expert_ids([(s.stem, given) for s, given in zip(sources, opts.inputs)], opts.force)
     for note in notes:
         log(note)
     experts = [_Expert(i, s) for i, s in zip(ids, sources)]
