@@ -22,14 +22,35 @@ const positiveInt = z.number().int().positive();
 
 const EXPERT_NEEDS = 'needs "unet" (a graph) or "path" (an Optimum SD folder)';
 
+/** What a graph computes in: "fp32" (weights may be stored as float16 and cast inside) or "fp16". */
+export const PRECISIONS = ['fp32', 'fp16'] as const;
+export type Precision = (typeof PRECISIONS)[number];
+
+const GRAPH_REF_NEEDS = 'must be a path, or {"fp32": path, "fp16": path} with at least one of the two';
+const variantsObject = z
+  .strictObject({
+    fp32: relPath.optional().describe('the graph computing in float32 (its weights may be stored as float16 and cast inside it); for the CPU'),
+    fp16: relPath
+      .optional()
+      .describe('the graph computing in float16 (float32 kept where needed: GroupNorm statistics, softmax, timestep embedding); for CUDA'),
+  })
+  .refine((v) => v.fp32 !== undefined || v.fp16 !== undefined, { message: GRAPH_REF_NEEDS })
+  .meta({ anyOf: [{ required: ['fp32'] }, { required: ['fp16'] }], errorMessage: GRAPH_REF_NEEDS });
+/**
+ * A graph: a path (a graph computing in float32) or its precision variants; the engine picks "fp16"
+ * under CUDA and "fp32" on the CPU when present, else the other one (docs/model-package.md).
+ */
+const graphRef = z.union([relPath, variantsObject], { error: GRAPH_REF_NEEDS }).meta({ id: 'graph', errorMessage: GRAPH_REF_NEEDS });
+export type GraphRef = z.output<typeof graphRef>;
+
 const expertSchema = z
   .strictObject({
     id,
     title: z.string().optional().describe('shown to users; default: the id capitalised'),
     description: z.string().default(''),
     path: relPath.optional().describe('an Optimum SD export folder: unet, text_encoder and tokenizer default to its own'),
-    unet: relPath.optional().describe('the U-Net graph'),
-    text_encoder: relPath.optional().describe("the expert's own text encoder; default: the package's"),
+    unet: graphRef.optional().describe('the U-Net graph'),
+    text_encoder: graphRef.optional().describe("the expert's own text encoder; default: the package's"),
     tokenizer: relPath.optional().describe("the expert's own tokenizer folder; default: the package's"),
     architecture: z.string().optional().describe('equal tags = identical graph structure (mergeable)'),
   })
@@ -49,7 +70,7 @@ const ensembleSchema = z.strictObject({
     .min(2)
     .refine((ids) => new Set(ids).size === ids.length, { message: 'lists an expert twice' })
     .meta({ uniqueItems: true, description: "ids of listed experts, in the order of the graph's N axis" }),
-  graph: relPath.describe('the fused graph: all its experts and the aggregation rule, one session.run per step'),
+  graph: graphRef.describe('the fused graph: all its experts and the aggregation rule, one session.run per step'),
   subsets: z
     .boolean()
     .default(false)
@@ -74,9 +95,9 @@ const manifestObject = z.strictObject({
     scale_factor: z.number().positive(),
   }),
   tokenizer: relPath.default('tokenizer').describe('folder with vocab.json and merges.txt'),
-  text_encoder: relPath.default('text_encoder/model.onnx'),
-  vae_decoder: relPath.default('vae_decoder/model.onnx'),
-  vae_encoder: relPath
+  text_encoder: graphRef.default('text_encoder/model.onnx'),
+  vae_decoder: graphRef.default('vae_decoder/model.onnx'),
+  vae_encoder: graphRef
     .optional()
     .describe('the VAE encoder graph, for image-to-image (e.g. vae_encoder/model.onnx); without it a package only draws from noise'),
   scheduler: relPath.default('scheduler/scheduler_config.json').describe('diffusers scheduler config'),
@@ -196,10 +217,26 @@ export function parseManifest(json: unknown, source = 'manifest.json'): RawManif
 
 export type RawManifest = z.infer<typeof manifestSchema>;
 
+/** Where a graph is used; the warm-up and the error messages read it. */
+export type GraphRole = 'text_encoder' | 'vae_decoder' | 'vae_encoder' | 'unet' | 'ensemble';
+
+/** One graph of the package with the precision variant chosen for this engine. */
+export interface GraphChoice {
+  /** "expert \"a\" U-Net", "the text encoder", …: for messages. */
+  what: string;
+  role: GraphRole;
+  /** Absolute path of the chosen variant. */
+  path: string;
+  precision: Precision;
+  /** Every variant the manifest names, absolute. */
+  variants: Partial<Record<Precision, string>>;
+}
+
 export interface ExpertEntry {
   id: string;
   title: string;
   description: string;
+  /** Absolute path of the chosen variant of the U-Net (see Manifest.graphs for its precision). */
   unet: string;
   /** Absolute path of this expert's own text encoder; undefined = the package's. */
   textEncoder?: string;
@@ -235,15 +272,43 @@ export interface Manifest {
   display?: { width: number; height: number };
   experts: ExpertEntry[];
   ensembles: EnsembleEntry[];
+  /** The precision asked for (loadManifest's `precision`). */
+  precision: Precision;
+  /** Every graph reference of the manifest, resolved (a file shared by several entries appears for each). */
+  graphs: GraphChoice[];
+  /** Graphs that had no variant in the asked precision and use the other one. */
+  fallbacks: GraphChoice[];
+}
+
+export interface LoadManifestOptions {
+  /** The precision variant to prefer (default "fp32"); a graph without it uses the other one. */
+  precision?: Precision;
 }
 
 function titleOf(idValue: string, title?: string): string {
   return title ?? idValue.charAt(0).toUpperCase() + idValue.slice(1);
 }
 
-/** Reads, validates and resolves a package's manifest.json; every path becomes absolute. */
-export async function loadManifest(dir: string): Promise<Manifest> {
+/** A graph reference's variants: a plain path is a graph computing in float32. */
+export function graphVariants(ref: GraphRef): Partial<Record<Precision, string>> {
+  return typeof ref === 'string' ? { fp32: ref } : { ...ref };
+}
+
+/** The variant of `ref` to use for `precision`: that one when the reference has it, else the other. */
+export function pickVariant(ref: GraphRef, precision: Precision): { path: string; precision: Precision } {
+  const variants = graphVariants(ref);
+  const other: Precision = precision === 'fp32' ? 'fp16' : 'fp32';
+  const chosen = variants[precision] !== undefined ? precision : other;
+  return { path: variants[chosen]!, precision: chosen };
+}
+
+/**
+ * Reads, validates and resolves a package's manifest.json; every path becomes absolute and every
+ * graph reference the variant for `options.precision` (docs/model-package.md, "Precision").
+ */
+export async function loadManifest(dir: string, options: LoadManifestOptions = {}): Promise<Manifest> {
   const root = path.resolve(dir);
+  const precision = options.precision ?? 'fp32';
   const file = path.join(root, 'manifest.json');
   let text: string;
   try {
@@ -259,15 +324,28 @@ export async function loadManifest(dir: string): Promise<Manifest> {
   }
   const m = parseManifest(json, file);
   const abs = (p: string) => path.resolve(root, p);
+  const graphs: GraphChoice[] = [];
+  const graph = (ref: GraphRef, role: GraphRole, what: string): string => {
+    const variants = Object.fromEntries(Object.entries(graphVariants(ref)).map(([k, v]) => [k, abs(v)]));
+    const chosen = pickVariant(ref, precision);
+    graphs.push({ what, role, path: abs(chosen.path), precision: chosen.precision, variants });
+    return abs(chosen.path);
+  };
   const experts: ExpertEntry[] = m.experts.map((e) => {
     const base = e.path !== undefined ? abs(e.path) : undefined;
+    const what = `expert "${e.id}"`;
+    const textEncoder =
+      e.text_encoder !== undefined
+        ? graph(e.text_encoder, 'text_encoder', `${what} text encoder`)
+        : base
+          ? graph(path.join(base, 'text_encoder', 'model.onnx'), 'text_encoder', `${what} text encoder`)
+          : undefined;
     return {
       id: e.id,
       title: titleOf(e.id, e.title),
       description: e.description,
-      unet: e.unet !== undefined ? abs(e.unet) : path.join(base!, 'unet', 'model.onnx'),
-      textEncoder:
-        e.text_encoder !== undefined ? abs(e.text_encoder) : base ? path.join(base, 'text_encoder', 'model.onnx') : undefined,
+      unet: graph(e.unet ?? path.join(base!, 'unet', 'model.onnx'), 'unet', `${what} U-Net`),
+      textEncoder,
       tokenizer: e.tokenizer !== undefined ? abs(e.tokenizer) : base ? path.join(base, 'tokenizer') : undefined,
       architecture: e.architecture,
     };
@@ -282,34 +360,51 @@ export async function loadManifest(dir: string): Promise<Manifest> {
     description: m.description,
     latent: { channels: m.latent.channels, downsample: m.latent.downsample, scaleFactor: m.latent.scale_factor },
     tokenizer: abs(m.tokenizer),
-    textEncoder: abs(m.text_encoder),
-    vaeDecoder: abs(m.vae_decoder),
-    vaeEncoder: m.vae_encoder !== undefined ? abs(m.vae_encoder) : undefined,
+    textEncoder: graph(m.text_encoder, 'text_encoder', 'text encoder'),
+    vaeDecoder: graph(m.vae_decoder, 'vae_decoder', 'VAE decoder'),
+    vaeEncoder: m.vae_encoder !== undefined ? graph(m.vae_encoder, 'vae_encoder', 'VAE encoder') : undefined,
     schedulerConfig: abs(m.scheduler),
     defaults: m.defaults,
     size,
     limits: { maxSteps: m.limits.max_steps, maxCount: m.limits.max_count },
     display: m.display,
     experts,
-    ensembles: m.ensembles.map((e) => ({ ...e, graph: abs(e.graph), title: titleOf(e.id, e.title) })),
+    ensembles: m.ensembles.map((e) => ({
+      ...e,
+      graph: graph(e.graph, 'ensemble', `ensemble "${e.id}" graph`),
+      title: titleOf(e.id, e.title),
+    })),
+    precision,
+    graphs,
+    fallbacks: graphs.filter((g) => g.precision !== precision),
   };
   await checkFilesExist(manifest);
+  await unifySharedFiles(manifest);
   return manifest;
+}
+
+/** The precision of the graph at `file` (a path from this manifest), or undefined for another file. */
+export function precisionOf(m: Manifest, file: string): Precision | undefined {
+  return m.graphs.find((g) => g.path === file)?.precision;
 }
 
 async function checkFilesExist(m: Manifest): Promise<void> {
   const files: [string, string][] = [
     ['tokenizer vocab', path.join(m.tokenizer, 'vocab.json')],
     ['tokenizer merges', path.join(m.tokenizer, 'merges.txt')],
-    ['text encoder', m.textEncoder],
-    ['VAE decoder', m.vaeDecoder],
-    ...(m.vaeEncoder !== undefined ? [['VAE encoder', m.vaeEncoder] as [string, string]] : []),
     ['scheduler config', m.schedulerConfig],
-    ...m.experts.map((e): [string, string] => [`expert "${e.id}" U-Net`, e.unet]),
-    ...m.ensembles.map((e): [string, string] => [`ensemble "${e.id}" graph`, e.graph]),
+    ...m.graphs.flatMap((g) =>
+      Object.entries(g.variants).map(([p, file]): [string, string] => [
+        Object.keys(g.variants).length > 1 || p !== 'fp32' ? `${g.what} (${p})` : g.what,
+        file,
+      ]),
+    ),
   ];
   const missing: string[] = [];
+  const seen = new Set<string>();
   for (const [what, file] of files) {
+    if (seen.has(file)) continue;
+    seen.add(file);
     try {
       const s = await stat(file);
       if (!s.isFile()) missing.push(`${what}: ${file} is not a file`);
@@ -320,4 +415,32 @@ async function checkFilesExist(m: Manifest): Promise<void> {
   if (missing.length > 0) {
     throw new EngineError('bad_package', `The model package at ${m.dir} is missing files:\n  ${missing.join('\n  ')}`);
   }
+}
+
+/**
+ * Graph paths that name one file (a symbolic or hard link, e.g. an Optimum folder's text encoder
+ * linked to the package's) become one string, so that the engine opens that file once and encodes a
+ * prompt once for every expert that uses it.
+ */
+async function unifySharedFiles(m: Manifest): Promise<void> {
+  const byIdentity = new Map<string, string>();
+  const canonical = new Map<string, string>();
+  for (const g of m.graphs) {
+    if (canonical.has(g.path)) continue;
+    const s = await stat(g.path);
+    const identity = `${s.dev}:${s.ino}`;
+    const first = byIdentity.get(identity) ?? g.path;
+    byIdentity.set(identity, first);
+    canonical.set(g.path, first);
+  }
+  const same = (file: string) => canonical.get(file) ?? file;
+  for (const g of m.graphs) g.path = same(g.path);
+  m.textEncoder = same(m.textEncoder);
+  m.vaeDecoder = same(m.vaeDecoder);
+  if (m.vaeEncoder !== undefined) m.vaeEncoder = same(m.vaeEncoder);
+  for (const e of m.experts) {
+    e.unet = same(e.unet);
+    if (e.textEncoder !== undefined) e.textEncoder = same(e.textEncoder);
+  }
+  for (const e of m.ensembles) e.graph = same(e.graph);
 }

@@ -1,10 +1,12 @@
 import { readFile } from 'node:fs/promises';
 import type { PackageInfo, SchedulerName } from './api.ts';
 import { EngineError } from './api.ts';
-import { loadManifest, type EnsembleEntry, type ExpertEntry, type Manifest } from './manifest.ts';
+import { packageCacheDir } from './cache-dir.ts';
+import { loadManifest, type EnsembleEntry, type ExpertEntry, type GraphChoice, type Manifest } from './manifest.ts';
 import { mergedGraph } from './merge/cache.ts';
-import { GraphSession, type SessionOptions } from './onnx-session.ts';
+import { assertCudaUsable, GraphSession, type SessionOptions } from './onnx-session.ts';
 import { ClipTokenizer } from './tokenizer.ts';
+import { warmUpRun } from './warm-up.ts';
 
 const MERGE_CACHE_SIZE = 2;
 
@@ -14,6 +16,10 @@ const MERGE_CACHE_SIZE = 2;
  */
 export class ModelPackage {
   private sessions = new Map<string, Promise<GraphSession>>();
+  /** Sessions open one at a time: two graphs loading at once would hold both loads' buffers. */
+  private opening: Promise<unknown> = Promise.resolve();
+  /** Where the package's graphs keep their onnxruntime-optimized copies (CPU); undefined: no cache. */
+  private optimizedCacheDir: string | undefined;
   private tokenizers = new Map<string, Promise<ClipTokenizer>>();
   private merged = new Map<string, Promise<GraphSession>>();
   private schedulerConfigCache: Promise<Record<string, unknown>> | undefined;
@@ -23,9 +29,35 @@ export class ModelPackage {
     readonly options: SessionOptions,
   ) {}
 
+  /**
+   * Reads the package's manifest and picks each graph's variant for the execution provider: under
+   * CUDA the fp16-compute one where there is one (else fp32), on the CPU fp32 where there is one (else
+   * fp16, with a warning). Under CUDA it first checks that onnxruntime's CUDA provider and the CUDA
+   * libraries are there (EngineError naming what is missing). Sessions open lazily (session()).
+   */
   static async load(dir: string, options: Partial<SessionOptions> = {}): Promise<ModelPackage> {
-    const manifest = await loadManifest(dir);
-    return new ModelPackage(manifest, { executionProvider: options.executionProvider ?? 'cpu', threads: options.threads });
+    const executionProvider = options.executionProvider ?? 'cpu';
+    const cuda = executionProvider === 'cuda';
+    const precision = options.precision ?? (cuda ? 'fp16' : 'fp32');
+    const manifest = await loadManifest(dir, { precision });
+    if (cuda) assertCudaUsable();
+    const warn = options.warn ?? ((message: string) => console.warn(message));
+    if (!cuda) {
+      const fp16Only = uniqueFiles(manifest.fallbacks.filter((g) => g.precision === 'fp16'));
+      if (fp16Only.length > 0) {
+        warn(
+          `${manifest.name}: ${fp16Only.map((g) => g.what).join(', ')} ${fp16Only.length === 1 ? 'has' : 'have'} only an fp16-compute graph; ` +
+            "the CPU runs it, but onnxruntime's CPU provider lacks float16 kernels for most operators (slow, or it fails to load). " +
+            'Export an fp32 variant for CPU use.',
+        );
+      }
+    }
+    const optimizedCacheDir =
+      options.optimizedCacheDir ?? (!cuda && options.optimizedCache !== false ? packageCacheDir(manifest.dir, 'optimized') : undefined);
+    const { optimizedCacheDir: _, ...rest } = options;
+    const pkg = new ModelPackage(manifest, { ...rest, executionProvider, precision, warmUp: options.warmUp ?? cuda, warn });
+    pkg.optimizedCacheDir = optimizedCacheDir;
+    return pkg;
   }
 
   get label(): string {
@@ -82,10 +114,29 @@ export class ModelPackage {
     return e;
   }
 
+  /**
+   * The session of one of the package's graphs (a path from the manifest), opened once and shared by
+   * everything that names the same file (experts sharing a text encoder, say). With `warmUp` it runs
+   * once at the package's default size right after opening.
+   */
   session(file: string): Promise<GraphSession> {
     let s = this.sessions.get(file);
     if (!s) {
-      s = GraphSession.open(file, this.options);
+      const open = async () => {
+        const session = await GraphSession.open(file, { ...this.options, optimizedCacheDir: this.optimizedCacheDir });
+        const graph = this.manifest.graphs.find((g) => g.path === file);
+        if (this.options.warmUp && graph) {
+          try {
+            await warmUpRun(session, graph.role, this.manifest);
+          } catch (err) {
+            await session.release().catch(() => {});
+            throw err;
+          }
+        }
+        return session;
+      };
+      s = this.opening.then(open, open);
+      this.opening = s.catch(() => {});
       this.sessions.set(file, s);
       s.catch(() => this.sessions.delete(file));
     }
@@ -156,4 +207,9 @@ export class ModelPackage {
     this.sessions.clear();
     this.merged.clear();
   }
+}
+
+/** One entry per file (a shared text encoder is listed for each expert that uses it). */
+function uniqueFiles(graphs: GraphChoice[]): GraphChoice[] {
+  return [...new Map(graphs.map((g) => [g.path, g])).values()];
 }

@@ -2,7 +2,10 @@ import { stat } from 'node:fs/promises';
 import path from 'node:path';
 import ort from 'onnxruntime-node';
 import { EngineError } from './api.ts';
+import { checkCudaLibraries, describeMissing, explainCudaFailure, type CudaLibraryReport } from './cuda-libraries.ts';
 import { float16ToFloat32, float32ToFloat16 } from './float16.ts';
+import type { Precision } from './manifest.ts';
+import { openThroughCache } from './session-cache.ts';
 
 export type ExecutionProvider = 'cpu' | 'cuda';
 
@@ -10,6 +13,84 @@ export interface SessionOptions {
   executionProvider: ExecutionProvider;
   /** Intra-op threads; 0 lets onnxruntime choose. */
   threads?: number;
+  /** The CUDA device (default 0). */
+  deviceId?: number;
+  /**
+   * A folder for onnxruntime's optimized graphs (session-cache.ts): a graph is optimized once and
+   * opened from there next time. CPU only. ModelPackage sets it (the package's cache folder).
+   */
+  optimizedCacheDir?: string;
+  /** Graphs smaller than this open without the cache (default 32 MiB: they load fast anyway). */
+  optimizedCacheMinBytes?: number;
+  // What ModelPackage.load reads (Engine.load passes them through):
+  /** The graph variant to prefer; default fp16 under CUDA, fp32 on the CPU (docs/model-package.md). */
+  precision?: Precision;
+  /** Run each graph once when it is opened, at the package's default size; default: on under CUDA. */
+  warmUp?: boolean;
+  /** Keep optimized graphs in the engine cache (CPU; default true). */
+  optimizedCache?: boolean;
+  /** Where warnings go (e.g. a CPU engine given an fp16-only graph); default console.warn. */
+  warn?: (message: string) => void;
+}
+
+export const DEFAULT_CACHE_MIN_BYTES = 32 * 1024 * 1024;
+
+/**
+ * onnxruntime's options for a session. Under CUDA the CUDA provider alone is asked for: if it cannot
+ * start, creating the session fails (never a silent run on the CPU). onnxruntime still places the few
+ * nodes CUDA has no kernel for (shape arithmetic) on its CPU provider, as it always does.
+ *
+ * onnxruntime-node 1.30's binding passes only `deviceId` to the CUDA provider (js/node/src/
+ * session_options_helper.cc), so its other options keep onnxruntime's defaults: cudnn_conv_algo_search
+ * EXHAUSTIVE (the best algorithm per convolution shape, measured once per shape: the warm-up run pays
+ * it for the default size), arena_extend_strategy kNextPowerOfTwo, do_copy_in_default_stream on,
+ * prefer_nhwc off, enable_cuda_graph off.
+ */
+export function ortSessionOptions(options: SessionOptions): ort.InferenceSession.SessionOptions {
+  const cuda = options.executionProvider === 'cuda';
+  return {
+    executionProviders: cuda ? [{ name: 'cuda', deviceId: options.deviceId ?? 0 }] : ['cpu'],
+    graphOptimizationLevel: 'all',
+    intraOpNumThreads: options.threads ?? 0,
+    interOpNumThreads: 1,
+    executionMode: 'sequential',
+    enableCpuMemArena: true,
+    enableMemPattern: true,
+  };
+}
+
+let cudaReport: CudaLibraryReport | undefined;
+
+/** The CUDA library check, once per process (it reads a few files and runs `ldconfig -p`). */
+export function cudaLibraryReport(): CudaLibraryReport {
+  cudaReport ??= checkCudaLibraries();
+  return cudaReport;
+}
+
+/** Fails with the reason and the install line when a CUDA session cannot be created here. */
+export function assertCudaUsable(report: CudaLibraryReport = cudaLibraryReport()): void {
+  const problem = describeMissing(report);
+  if (problem) throw new EngineError('internal', problem);
+}
+
+async function createSession(
+  source: string | Uint8Array,
+  sessionOptions: ort.InferenceSession.SessionOptions,
+  options: SessionOptions,
+  name: string,
+): Promise<ort.InferenceSession> {
+  try {
+    return typeof source === 'string'
+      ? await ort.InferenceSession.create(source, sessionOptions)
+      : await ort.InferenceSession.create(source, sessionOptions);
+  } catch (err) {
+    const message = (err as Error).message;
+    if (options.executionProvider === 'cuda') {
+      const explained = explainCudaFailure(message, cudaReport);
+      if (explained) throw new EngineError('internal', `Cannot open ${name} on CUDA: ${explained}`);
+    }
+    throw new EngineError('bad_package', `Cannot load graph ${name}: it is corrupt or not an ONNX model (${message.split('\n')[0]}).`);
+  }
 }
 
 export interface InputSpec {
@@ -32,6 +113,8 @@ export interface FloatTensor {
 export class GraphSession {
   runMs = 0;
   runs = 0;
+  /** How the optimized-graph cache served this session; undefined: not through the cache. */
+  cacheOutcome: 'hit' | 'written' | 'rebuilt' | undefined;
 
   private constructor(
     readonly file: string,
@@ -42,29 +125,30 @@ export class GraphSession {
 
   static async open(source: string | Uint8Array, options: SessionOptions, label?: string): Promise<GraphSession> {
     const file = typeof source === 'string' ? source : (label ?? '(in-memory graph)');
+    let bytes = 0;
     if (typeof source === 'string') {
       try {
-        await stat(source);
+        bytes = (await stat(source)).size;
       } catch {
         throw new EngineError('bad_package', `Missing graph: ${source}`);
       }
     }
-    const sessionOptions: ort.InferenceSession.SessionOptions = {
-      executionProviders: options.executionProvider === 'cuda' ? ['cuda', 'cpu'] : ['cpu'],
-      graphOptimizationLevel: 'all',
-      intraOpNumThreads: options.threads ?? 0,
-      interOpNumThreads: 1,
-      executionMode: 'sequential',
-    };
+    if (options.executionProvider === 'cuda') assertCudaUsable();
+    const sessionOptions = ortSessionOptions(options);
+    const create = (src: string | Uint8Array, opts: ort.InferenceSession.SessionOptions) => createSession(src, opts, options, file);
+    const cache =
+      typeof source === 'string' &&
+      options.executionProvider === 'cpu' &&
+      options.optimizedCacheDir !== undefined &&
+      bytes >= (options.optimizedCacheMinBytes ?? DEFAULT_CACHE_MIN_BYTES);
     let session: ort.InferenceSession;
-    try {
-      session =
-        typeof source === 'string'
-          ? await ort.InferenceSession.create(source, sessionOptions)
-          : await ort.InferenceSession.create(source, sessionOptions);
-    } catch (err) {
-      const reason = (err as Error).message.split('\n')[0];
-      throw new EngineError('bad_package', `Cannot load graph ${file}: it is corrupt or not an ONNX model (${reason}).`);
+    let cacheOutcome: GraphSession['cacheOutcome'];
+    if (cache) {
+      const opened = await openThroughCache(source, sessionOptions, options.optimizedCacheDir!, create);
+      session = opened.session;
+      cacheOutcome = opened.outcome;
+    } else {
+      session = await create(source, sessionOptions);
     }
     const toSpecs = (list: readonly ort.InferenceSession.ValueMetadata[]) =>
       new Map(
@@ -73,7 +157,9 @@ export class GraphSession {
           { name: m.name, type: m.isTensor ? m.type : 'non-tensor', shape: m.isTensor ? m.shape : [] },
         ]),
       );
-    return new GraphSession(file, session, toSpecs(session.inputMetadata), toSpecs(session.outputMetadata));
+    const opened = new GraphSession(file, session, toSpecs(session.inputMetadata), toSpecs(session.outputMetadata));
+    opened.cacheOutcome = cacheOutcome;
+    return opened;
   }
 
   get displayName(): string {
@@ -123,7 +209,9 @@ export class GraphSession {
     try {
       result = outputs ? await this.session.run(feeds, outputs) : await this.session.run(feeds);
     } catch (err) {
-      throw new EngineError('internal', `Running ${this.file} failed: ${(err as Error).message.split('\n')[0]}`);
+      const message = (err as Error).message;
+      const cuda = explainCudaFailure(message);
+      throw new EngineError('internal', cuda ? `Running ${this.file} failed: ${cuda}` : `Running ${this.file} failed: ${message.split('\n')[0]}`);
     } finally {
       this.runMs += performance.now() - start;
       this.runs += 1;

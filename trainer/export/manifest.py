@@ -10,7 +10,7 @@ import os
 from typing import Any, Iterable, List, Mapping, Optional
 
 from trainer.export.errors import ManifestError
-from trainer.export.manifest_schema import manifest_problems
+from trainer.export.manifest_schema import graph_variants, manifest_problems
 from trainer.export.onnx_io import graph_io
 
 FORMAT = "ensemble-diffusion-package"
@@ -48,13 +48,20 @@ def _check_package_files(m: Mapping[str, Any], package_dir: str) -> List[str]:
             return None
         return full
 
+    def resolve_graphs(ref: Any, what: str) -> List[str]:
+        """Every variant of a graph reference (a path, or {"fp32": path, "fp16": path}) that exists."""
+        variants = graph_variants(ref)
+        named = len(variants) > 1 or "fp32" not in variants
+        found = [resolve(rel, f"{what} ({p})" if named else what) for p, rel in variants.items()]
+        return [f for f in found if f is not None]
+
     tokenizer = resolve(m.get("tokenizer", "tokenizer"), "tokenizer", is_dir=True)
     if tokenizer:
         for f in ("vocab.json", "merges.txt"):
             resolve(os.path.join(m.get("tokenizer", "tokenizer"), f), "tokenizer")
-    text_encoder = resolve(m.get("text_encoder", "text_encoder/model.onnx"), "text_encoder")
-    vae = resolve(m.get("vae_decoder", "vae_decoder/model.onnx"), "vae_decoder")
-    encoder = resolve(m["vae_encoder"], "vae_encoder") if "vae_encoder" in m else None
+    text_encoders = resolve_graphs(m.get("text_encoder", "text_encoder/model.onnx"), "text_encoder")
+    vaes = resolve_graphs(m.get("vae_decoder", "vae_decoder/model.onnx"), "vae_decoder")
+    encoders = resolve_graphs(m["vae_encoder"], "vae_encoder") if "vae_encoder" in m else []
     resolve(m.get("scheduler", "scheduler/scheduler_config.json"), "scheduler")
 
     def needs(path: Optional[str], what: str, inputs: Iterable[str], outputs: Iterable[str]) -> None:
@@ -67,9 +74,11 @@ def _check_package_files(m: Mapping[str, Any], package_dir: str) -> List[str]:
             problems.append(f"{what} graph lacks {', '.join(lacking)} (has inputs {sorted(have_in)}, "
                             f"outputs {sorted(have_out)})")
 
-    needs(text_encoder, "text_encoder", ["input_ids"], ["last_hidden_state"])
-    needs(vae, "vae_decoder", ["latent_sample"], ["sample"])
-    if encoder is not None:
+    for path in text_encoders:
+        needs(path, "text_encoder", ["input_ids"], ["last_hidden_state"])
+    for path in vaes:
+        needs(path, "vae_decoder", ["latent_sample"], ["sample"])
+    for encoder in encoders:
         needs(encoder, "vae_encoder", ["sample"], [])
         _, encoder_out = graph_io(encoder)
         if not {"latent_parameters", "latent_sample"} & set(encoder_out):
@@ -78,19 +87,19 @@ def _check_package_files(m: Mapping[str, Any], package_dir: str) -> List[str]:
     unet_inputs = ["sample", "timestep", "encoder_hidden_states"]
     for e in m["experts"]:
         base = e.get("path")
-        unet_rel = e.get("unet") or os.path.join(base, "unet", "model.onnx")
-        needs(resolve(unet_rel, f"expert {e['id']!r} unet"), f"expert {e['id']!r} unet", unet_inputs, [])
+        what = f"expert {e['id']!r} unet"
+        for path in resolve_graphs(e.get("unet") or os.path.join(base, "unet", "model.onnx"), what):
+            needs(path, what, unet_inputs, [])
         if e.get("text_encoder") or base:
-            resolve(e.get("text_encoder") or os.path.join(base, "text_encoder", "model.onnx"),
-                    f"expert {e['id']!r} text_encoder")
+            resolve_graphs(e.get("text_encoder") or os.path.join(base, "text_encoder", "model.onnx"),
+                           f"expert {e['id']!r} text_encoder")
         if e.get("tokenizer") or base:
             resolve(e.get("tokenizer") or os.path.join(base, "tokenizer"), f"expert {e['id']!r} tokenizer", True)
     for ens in m.get("ensembles", []):
         what = f"ensemble {ens['id']!r}"
-        path = resolve(ens["graph"], what)
         inputs = unet_inputs + (["expert_mask"] if ens.get("subsets") else [])
-        needs(path, what, inputs, ["contributions"])
-        if path is not None:
+        for path in resolve_graphs(ens["graph"], what):
+            needs(path, what, inputs, ["contributions"])
             have_in, _ = graph_io(path)
             dims = have_in["encoder_hidden_states"].type.tensor_type.shape.dim if "encoder_hidden_states" in have_in else []
             if len(dims) == 4 and dims[0].dim_value and dims[0].dim_value != len(ens["experts"]):

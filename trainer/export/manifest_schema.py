@@ -9,6 +9,7 @@ outputs of their role) is not here: it needs onnx and stays with the exporter.
     problems = manifest_problems(manifest)   # [] when valid; else one line each, naming the field
     validate(manifest)                        # raises ManifestSchemaError listing them
     full = with_defaults(manifest)            # a copy with the schema's defaults filled in
+    graph_path(manifest["vae_decoder"])       # a graph reference's path for a precision ("fp32" default)
 
 Self-contained on purpose (imports nothing from trainer), so that it can move between packages:
 the schema is found by walking up from this file to the folder that holds docs/manifest.schema.json.
@@ -262,6 +263,8 @@ def _fill(value: Any, node: Mapping[str, Any], root: Mapping[str, Any]) -> Any:
     node = _resolve(node, root)
     if isinstance(value, dict):
         for key, prop in node.get("properties", {}).items():
+            if key not in value and "default" in prop:  # a default next to a $ref is the property's own
+                value[key] = copy.deepcopy(prop["default"])
             prop = _resolve(prop, root)
             if key not in value and "default" in prop:
                 value[key] = copy.deepcopy(prop["default"])
@@ -279,3 +282,32 @@ def with_defaults(manifest: Mapping[str, Any], schema: Optional[Mapping[str, Any
     root = schema or load_schema()
     return _fill(copy.deepcopy(dict(manifest)), root, root)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph references (docs/model-package.md, "Precision")
+
+PRECISIONS = ("fp32", "fp16")
+GraphRef = Union[str, Mapping[str, str]]
+
+
+def graph_variants(ref: GraphRef) -> Dict[str, str]:
+    """{precision: path} of a graph reference: a plain path is a graph computing in float32; an object
+    {"fp32": path, "fp16": path} names the graph per precision it computes in (at least one key)."""
+    if isinstance(ref, str):
+        return {"fp32": ref}
+    if isinstance(ref, Mapping):
+        variants = {k: v for k, v in ref.items() if k in PRECISIONS and isinstance(v, str)}
+        if variants and len(variants) == len(ref):
+            return dict(variants)
+    raise ValueError(f"a graph reference is a path or {{\"fp32\": path, \"fp16\": path}}, not {_show(ref)}")
+
+
+def graph_path(ref: GraphRef, precision: str = "fp32") -> str:
+    """The path of `ref`'s variant for `precision`, else of the other one (as the engine picks: under
+    CUDA it asks for "fp16", on the CPU for "fp32")."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    variants = graph_variants(ref)
+    other = "fp16" if precision == "fp32" else "fp32"
+    return variants[precision] if precision in variants else variants[other]

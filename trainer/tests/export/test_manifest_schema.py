@@ -121,3 +121,35 @@ def test_cross_field_rules_run_once_the_schema_passes():
     assert ms.manifest_problems(m) == ["defaults.steps must be an integer in 1..1000, got 0"]
     m["defaults"]["steps"] = 4
     assert ms.manifest_problems(m) == ["ensembles[0].experts[1] names unknown expert 'nobody'"]
+
+
+def test_graph_path_picks_a_precision_as_the_engine_does():
+    assert ms.graph_path("unet/model.onnx") == "unet/model.onnx"
+    assert ms.graph_path("unet/model.onnx", "fp16") == "unet/model.onnx"  # a plain path computes in fp32
+    both = {"fp32": "u/model.onnx", "fp16": "u/model.fp16.onnx"}
+    assert ms.graph_path(both) == "u/model.onnx" and ms.graph_path(both, "fp16") == "u/model.fp16.onnx"
+    assert ms.graph_path({"fp16": "u/model.fp16.onnx"}) == "u/model.fp16.onnx"  # the other one when absent
+    assert ms.graph_path({"fp32": "u/model.onnx"}, "fp16") == "u/model.onnx"
+    assert ms.graph_variants(both) == both
+    for bad in ({}, {"bf16": "x"}, {"fp32": "x", "int8": "y"}, 7):
+        with pytest.raises(ValueError, match="graph reference"):
+            ms.graph_path(bad)
+    with pytest.raises(ValueError, match="precision"):
+        ms.graph_path("x", "fp64")
+
+
+def test_every_graph_variant_of_a_package_is_checked(tmp_path):
+    from trainer.export.manifest import validate_manifest
+    from trainer.export.errors import ManifestError
+    tiny = os.path.join(ROOT, "test", "fixtures", "tiny")
+    manifest = read_json(tiny, "manifest.json")
+    validate_manifest(manifest, tiny)
+    variants = copy.deepcopy(manifest)
+    variants["vae_decoder"] = {"fp32": manifest.get("vae_decoder", "vae_decoder/model.onnx"),
+                               "fp16": "vae_decoder/model.fp16.onnx"}
+    with pytest.raises(ManifestError, match=r"vae_decoder \(fp16\): vae_decoder/model.fp16.onnx is missing"):
+        validate_manifest(variants, tiny)
+    # a variant must have its role's inputs too: the text encoder's graph is no VAE decoder
+    variants["vae_decoder"]["fp16"] = manifest.get("text_encoder", "text_encoder/model.onnx")
+    with pytest.raises(ManifestError, match="vae_decoder graph lacks input 'latent_sample'"):
+        validate_manifest(variants, tiny)

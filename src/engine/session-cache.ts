@@ -1,0 +1,169 @@
+// ORT's optimized graphs, kept in the engine's cache (cache-dir.ts, purpose "optimized") so that a
+// graph is optimized once, not at every start. A U-Net stored in float16 (the trainer's --fp16 export)
+// takes ORT most of its load time to fold the float16 → float32 casts (38 s for an SD1.5 expert on
+// 2 cores); the optimized graph has them folded, so the next open only reads it.
+//
+// An entry is a folder <graph-tag>-<key>/ with model.onnx, model.onnx.data (its initializers: the
+// external-data file keeps graphs over protobuf's 2 GiB working, and onnxruntime 1.30 wants it in the
+// graph's own folder) and entry.json. The key covers everything the optimized graph depends on: the
+// graph file (path, size, mtime), onnxruntime's version, the execution provider, the optimization
+// level and the CPU (level "all" writes CPU-specific layouts). Entries are written to a temporary
+// folder and renamed into place; one that fails to open is deleted and rebuilt.
+import { createHash } from 'node:crypto';
+import { mkdir, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { cpus } from 'node:os';
+import path from 'node:path';
+import ort from 'onnxruntime-node';
+
+export const ENTRY_MODEL = 'model.onnx';
+export const ENTRY_DATA = 'model.onnx.data';
+const ENTRY_META = 'entry.json';
+
+export interface CacheKeyParts {
+  graph: string;
+  size: number;
+  mtimeMs: number;
+  ort: string;
+  executionProvider: string;
+  optimizationLevel: string;
+  cpu: string;
+}
+
+export interface CachedOpen {
+  session: ort.InferenceSession;
+  /** "hit": opened from the cache; "written": optimized from the graph and stored; "rebuilt": a broken entry was replaced. */
+  outcome: 'hit' | 'written' | 'rebuilt';
+  entry: string;
+}
+
+/** Creates a session (the engine's wrapper around InferenceSession.create, with its error mapping). */
+export type CreateSession = (file: string, options: ort.InferenceSession.SessionOptions) => Promise<ort.InferenceSession>;
+
+function hash(text: string, length: number): string {
+  return createHash('sha256').update(text).digest('hex').slice(0, length);
+}
+
+export async function cacheKeyParts(
+  graph: string,
+  executionProvider: string,
+  optimizationLevel: string,
+): Promise<CacheKeyParts> {
+  const s = await stat(graph);
+  return {
+    graph: path.resolve(graph),
+    size: s.size,
+    mtimeMs: Math.round(s.mtimeMs),
+    ort: ort.env.versions.node ?? ort.env.versions.common,
+    executionProvider,
+    optimizationLevel,
+    cpu: `${process.arch} ${cpus()[0]?.model ?? 'unknown'}`,
+  };
+}
+
+/** The entry folder of a graph under `cacheDir`: one per graph path (older keys are replaced). */
+export function entryDir(cacheDir: string, key: CacheKeyParts): string {
+  return path.join(cacheDir, `${graphTag(key.graph)}-${hash(JSON.stringify(key), 16)}`);
+}
+
+function graphTag(graph: string): string {
+  const readable = `${path.basename(path.dirname(graph))}-${path.basename(graph, '.onnx')}`.replace(/[^A-Za-z0-9_.-]/g, '_');
+  return `${readable}-${hash(graph, 8)}`;
+}
+
+async function validEntry(dir: string, key: CacheKeyParts): Promise<boolean> {
+  try {
+    const meta = JSON.parse(await readFile(path.join(dir, ENTRY_META), 'utf8')) as { key: unknown; files: Record<string, number> };
+    if (JSON.stringify(meta.key) !== JSON.stringify(key)) return false;
+    for (const [name, bytes] of Object.entries(meta.files)) {
+      if ((await stat(path.join(dir, name))).size !== bytes) return false;
+    }
+    return meta.files[ENTRY_MODEL] !== undefined;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Opens `graph` through the cache: from its optimized entry when there is a valid one (no
+ * optimization at load: it was done), else from the graph itself, writing the entry on the way.
+ * `options` are the session options for the graph (the optimization level is part of the key).
+ */
+export async function openThroughCache(
+  graph: string,
+  options: ort.InferenceSession.SessionOptions,
+  cacheDir: string,
+  create: CreateSession,
+): Promise<CachedOpen> {
+  const level = options.graphOptimizationLevel ?? 'all';
+  const key = await cacheKeyParts(graph, executionProviderName(options), level);
+  const dir = entryDir(cacheDir, key);
+  let outcome: CachedOpen['outcome'] = 'written';
+  if (await validEntry(dir, key)) {
+    try {
+      const session = await create(path.join(dir, ENTRY_MODEL), { ...options, graphOptimizationLevel: 'disabled' });
+      return { session, outcome: 'hit', entry: dir };
+    } catch {
+      outcome = 'rebuilt';
+    }
+  }
+  await rm(dir, { recursive: true, force: true });
+  return { session: await writeEntry(graph, options, key, dir, create), outcome, entry: dir };
+}
+
+async function writeEntry(
+  graph: string,
+  options: ort.InferenceSession.SessionOptions,
+  key: CacheKeyParts,
+  dir: string,
+  create: CreateSession,
+): Promise<ort.InferenceSession> {
+  const tmp = `${dir}.tmp-${process.pid}-${Math.random().toString(36).slice(2, 10)}`;
+  await mkdir(tmp, { recursive: true });
+  let session: ort.InferenceSession;
+  try {
+    session = await create(graph, {
+      ...options,
+      optimizedModelFilePath: path.join(tmp, ENTRY_MODEL),
+      // ORT warns that a level-"all" graph is for this machine only: the key holds the CPU for that.
+      logSeverityLevel: 3,
+      extra: {
+        ...(options.extra ?? {}),
+        session: {
+          ...(((options.extra ?? {}) as { session?: Record<string, string> }).session ?? {}),
+          optimized_model_external_initializers_file_name: ENTRY_DATA,
+          optimized_model_external_initializers_min_size_in_bytes: '1024',
+        },
+      },
+    });
+  } catch (err) {
+    await rm(tmp, { recursive: true, force: true });
+    throw err;
+  }
+  try {
+    const files: Record<string, number> = {};
+    for (const name of await readdir(tmp)) files[name] = (await stat(path.join(tmp, name))).size;
+    await writeFile(path.join(tmp, ENTRY_META), `${JSON.stringify({ key, files }, null, 2)}\n`);
+    await removeOlderEntries(path.dirname(dir), path.basename(dir));
+    await rename(tmp, dir);
+  } catch {
+    // Another engine wrote the entry first, or the cache is not writable: the session is good anyway.
+    await rm(tmp, { recursive: true, force: true });
+  }
+  return session;
+}
+
+/** Entries of the same graph under other keys (it changed, or onnxruntime was updated). */
+async function removeOlderEntries(cacheDir: string, keep: string): Promise<void> {
+  const tag = keep.slice(0, keep.lastIndexOf('-') + 1);
+  for (const name of await readdir(cacheDir).catch(() => [] as string[])) {
+    if (name.startsWith(tag) && name !== keep && !name.includes('.tmp-')) {
+      await rm(path.join(cacheDir, name), { recursive: true, force: true });
+    }
+  }
+}
+
+function executionProviderName(options: ort.InferenceSession.SessionOptions): string {
+  return (options.executionProviders ?? ['cpu'])
+    .map((ep) => (typeof ep === 'string' ? ep : `${ep.name}${'deviceId' in ep ? `:${String(ep.deviceId)}` : ''}`))
+    .join(',');
+}
