@@ -3,7 +3,7 @@
 // from every graph (inline, typed field or external data), accumulated, and written to one external
 // data file beside the merged graph, whose protobuf is the first graph's with the initializers
 // pointing into that file. Memory: a few chunk buffers, not the graphs.
-import { open, writeFile, type FileHandle } from 'node:fs/promises';
+import { open, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { EngineError } from '../api.ts';
 import { floatFromHalfBits } from '../float16.ts';
@@ -282,7 +282,13 @@ export async function mergeGraphs(
       encoded.push(header.finish());
     }
     await data.sync();
-    await writeFile(modelPath, buildModel(layouts[0], encoded));
+    const model = await open(modelPath, 'w');
+    try {
+      await writeAll(model, buildModel(layouts[0], encoded), 0);
+      await model.sync();
+    } finally {
+      await model.close();
+    }
   } finally {
     await data.close();
     for (const fh of files.values()) await fh.close();
