@@ -44,6 +44,7 @@ describe('the engine picks an ensemble of the mode’s method', () => {
   const dirs: string[] = [];
   let pkg: ModelPackage;
   let afaOnly: ModelPackage;
+  let fuseOnly: ModelPackage;
   before(async () => {
     // The fuse ensembles come first: mode afa must not take them, and exact sets win over supersets.
     dirs.push(
@@ -53,9 +54,11 @@ describe('the engine picks an ensemble of the mode’s method', () => {
         { id: 'duo', title: 'Duo (AFA)', method: 'afa', experts: ['alpha', 'beta'], subsets: true },
       ]),
       await tinyWithEnsembles([{ id: 'duo', title: 'Duo (AFA)', method: 'afa', experts: ['alpha', 'beta'], subsets: true }]),
+      await tinyWithEnsembles([{ id: 'blend', title: 'Blend (fuse)', method: 'fuse', experts: ['alpha', 'beta'], subsets: false }]),
     );
     pkg = await ModelPackage.load(dirs[0]);
     afaOnly = await ModelPackage.load(dirs[1]);
+    fuseOnly = await ModelPackage.load(dirs[2]);
   });
   after(async () => {
     for (const dir of dirs) await rm(dir, { recursive: true, force: true });
@@ -98,9 +101,11 @@ describe('the engine picks an ensemble of the mode’s method', () => {
       afaOnly,
       { experts: ['alpha', 'beta'] },
       'unknown_model',
-      /this model package has none; add one with python3 -m trainer\.export --add-to \S+ --method fuse --experts alpha,beta \(or use mode "afa", "average", "merge"\)/,
+      /this model package has none; add one with python3 -m trainer\.export --add-to \S+ --method fuse --experts alpha,beta \(or use mode "afa", "average" or "merge"\)/,
     );
     refused(afaOnly, {}, 'unknown_model', /--method fuse --experts alpha,beta,odd/);
+    refused(fuseOnly, { mode: 'afa' }, 'unknown_model', /Mode "afa" needs a trained ensemble, and this model package has none\. Use "fuse", "average" or "merge"\./);
+    refused(fuseOnly, { experts: ['alpha'] }, 'bad_request', /Ensemble "blend" only works with all of its experts/);
     // The other modes are as before.
     assert.deepEqual(chosen(afaOnly, { mode: 'afa' }), ['afa', 'duo', ['alpha', 'beta']]);
     assert.deepEqual(chosen(afaOnly, { mode: 'average', ensemble: 'duo' }), ['average', undefined, ['alpha', 'beta']]);

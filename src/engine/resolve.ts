@@ -87,7 +87,8 @@ function displayDir(dir: string): string {
 function noEnsembleOf(pkg: ModelPackage, method: EnsembleMethod, ids: string[]): EngineError {
   const m = pkg.manifest;
   const others = m.ensembles.filter((e) => e.method !== method);
-  const alternatives = [...new Set(others.map((e) => `"${e.method}"`)), '"average"', '"merge"'].join(', ');
+  const modes = [...new Set(others.map((e) => `"${e.method}"`)), '"average"', '"merge"'];
+  const alternatives = `${modes.slice(0, -1).join(', ')} or ${modes[modes.length - 1]}`;
   if (method === 'fuse') {
     const experts = (ids.length >= 2 ? ids : m.experts.map((e) => e.id)).join(',');
     return new EngineError(
