@@ -145,7 +145,8 @@ def write_set(folder: str, names: Sequence[str] = tuple(SET)) -> Dict[str, str]:
 
 
 def write_bad_inputs(folder: str) -> Dict[str, str]:
-    """Inputs the importer must refuse: SDXL and SD2.x key sets, a truncated file, a pickled .ckpt."""
+    """Inputs the importer must refuse: SDXL and SD2.x key sets, a truncated file, a pickled .ckpt, and
+    another `alpha.safetensors` (no VAE), whose id clashes with the set's."""
     os.makedirs(folder, exist_ok=True)
     unet = make_unet(1)
     good = ldm_checkpoint(unet, make_clip(100), make_vae(VAE_SEED))
@@ -161,6 +162,8 @@ def write_bad_inputs(folder: str) -> Dict[str, str]:
     with open(full, "r+b") as f:
         f.truncate(os.path.getsize(full) - 1000)
     paths["truncated"] = full
+    paths["duplicate"] = write_single_file(os.path.join(folder, "alpha.safetensors"),
+                                           ldm_checkpoint(make_unet(6), make_clip(100), None, torch.float16))
     paths["pickle"] = os.path.join(folder, "pickled.ckpt")
     torch.save({"state_dict": good}, paths["pickle"])
     return paths
