@@ -73,7 +73,8 @@ export function assertCudaUsable(report: CudaLibraryReport = cudaLibraryReport()
   if (problem) throw new EngineError('internal', problem);
 }
 
-async function createSession(
+/** InferenceSession.create with the engine's errors: a CUDA failure explained, anything else a bad graph. */
+export async function createSession(
   source: string | Uint8Array,
   sessionOptions: ort.InferenceSession.SessionOptions,
   options: SessionOptions,
@@ -121,6 +122,7 @@ export class GraphSession {
     readonly session: ort.InferenceSession,
     readonly inputs: Map<string, InputSpec>,
     readonly outputs: Map<string, InputSpec>,
+    readonly executionProvider: ExecutionProvider = 'cpu',
   ) {}
 
   static async open(source: string | Uint8Array, options: SessionOptions, label?: string): Promise<GraphSession> {
@@ -157,7 +159,7 @@ export class GraphSession {
           { name: m.name, type: m.isTensor ? m.type : 'non-tensor', shape: m.isTensor ? m.shape : [] },
         ]),
       );
-    const opened = new GraphSession(file, session, toSpecs(session.inputMetadata), toSpecs(session.outputMetadata));
+    const opened = new GraphSession(file, session, toSpecs(session.inputMetadata), toSpecs(session.outputMetadata), options.executionProvider);
     opened.cacheOutcome = cacheOutcome;
     return opened;
   }
@@ -210,7 +212,7 @@ export class GraphSession {
       result = outputs ? await this.session.run(feeds, outputs) : await this.session.run(feeds);
     } catch (err) {
       const message = (err as Error).message;
-      const cuda = explainCudaFailure(message);
+      const cuda = this.executionProvider === 'cuda' ? explainCudaFailure(message) : undefined;
       throw new EngineError('internal', cuda ? `Running ${this.file} failed: ${cuda}` : `Running ${this.file} failed: ${message.split('\n')[0]}`);
     } finally {
       this.runMs += performance.now() - start;
