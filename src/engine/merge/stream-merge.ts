@@ -77,13 +77,41 @@ export function checkSameStructure(inputs: MergeInput[], layouts: ModelLayout[])
   });
 }
 
+/**
+ * Open files by path, at most MAX_OPEN at a time (a graph with one external file per tensor has
+ * hundreds; the least recently used is closed first).
+ */
+class FilePool {
+  private static readonly MAX_OPEN = 64;
+  private readonly handles = new Map<string, Promise<FileHandle>>();
+
+  async get(file: string): Promise<FileHandle> {
+    let fh = this.handles.get(file);
+    if (fh) this.handles.delete(file);
+    else fh = open(file, 'r');
+    this.handles.set(file, fh);
+    while (this.handles.size > FilePool.MAX_OPEN) {
+      const [oldest, handle] = this.handles.entries().next().value as [string, Promise<FileHandle>];
+      this.handles.delete(oldest);
+      await (await handle).close();
+    }
+    return fh;
+  }
+
+  async close(): Promise<void> {
+    const all = [...this.handles.values()];
+    this.handles.clear();
+    for (const fh of all) await (await fh.catch(() => undefined))?.close();
+  }
+}
+
 /** Reads a tensor's little-endian bytes in pieces, from a file or from decoded varints. */
 class TensorBytes {
   private decoded: Uint8Array | undefined;
 
   constructor(
     private readonly tensor: TensorEntry,
-    private readonly files: Map<string, FileHandle>,
+    private readonly files: FilePool,
   ) {
     if (tensor.storage.kind === 'varints') {
       const src = new FileBytes(tensor.storage.file);
@@ -101,7 +129,7 @@ class TensorBytes {
       return;
     }
     const s = this.tensor.storage as { file: string; offset: number };
-    const fh = this.files.get(s.file)!;
+    const fh = await this.files.get(s.file);
     let done = 0;
     while (done < into.length) {
       const { bytesRead } = await fh.read(into, done, into.length - done, s.offset + byteOffset + done);
@@ -210,15 +238,10 @@ export async function mergeGraphs(
   checkSameStructure(inputs, layouts);
   const byName = layouts.map((l) => new Map(l.initializers.map((t) => [t.name, t])));
 
-  const files = new Map<string, FileHandle>();
+  const files = new FilePool();
   const modelPath = path.join(outDir, 'model.onnx');
   const data = await open(path.join(outDir, MERGED_DATA_FILE), 'w');
   try {
-    for (const l of layouts) {
-      for (const t of l.initializers) {
-        if (t.storage.kind === 'bytes' && !files.has(t.storage.file)) files.set(t.storage.file, await open(t.storage.file, 'r'));
-      }
-    }
     const input = new ArrayBuffer(CHUNK * 8);
     const other = new ArrayBuffer(CHUNK * 8);
     const output = new ArrayBuffer(CHUNK * 8);
@@ -291,7 +314,7 @@ export async function mergeGraphs(
     }
   } finally {
     await data.close();
-    for (const fh of files.values()) await fh.close();
+    await files.close();
   }
   return modelPath;
 }
