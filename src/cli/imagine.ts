@@ -193,8 +193,10 @@ async function main(): Promise<void> {
         const alone = await engine.generate({ ...base, prompt, mode: 'single', ensemble: undefined, experts: [id], count: 1, contributions: false });
         tiles.push({ image: alone.images[0].image, label: titles[id] ?? id });
       }
+      // An ensemble by its title ("Trio (AFA)", "Fuse (training-free)"), as the bot's Compare shows it.
+      const ensembleTitle = info.ensembles.find((e) => e.id === result.params.ensemble)?.title;
       const label = isEnsembleMode(result.params.mode)
-        ? `${MODE_LABELS[result.params.mode].name} ${result.params.ensemble}`
+        ? (ensembleTitle ?? `${MODE_LABELS[result.params.mode].name} ${result.params.ensemble}`)
         : MODE_LABELS[result.params.mode].name;
       tiles.push({ image: result.images[0].image, label });
       const file = path.join(outDir, `${tag}${slug(prompt)}-${seed}-compare.png`);
