@@ -33,7 +33,7 @@ export interface GenerateRequest {
    * `experts` (or the first of that method).
    */
   ensemble?: string;
-  /** `single`: exactly one expert id; `average` / `merge`: two or more. */
+  /** `single`: exactly one expert id; `average` / `merge`: two or more; `afa` / `fuse`: the ensemble's experts that take part. */
   experts?: string[];
   mode: Mode;
   /** `average` / `merge`: one weight per expert (normalised to sum 1); equal when absent. */
