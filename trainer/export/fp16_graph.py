@@ -6,10 +6,12 @@ float16, with float32 kept where float16 loses too much:
 
 - normalisation statistics: InstanceNormalization (the exporter's GroupNorm is Reshape →
   InstanceNormalization → Reshape → Mul → Add; only the InstanceNormalization runs in float32),
-  GroupNormalization, BatchNormalization, and the chain of a decomposed norm (x − mean(x) … Div)
-  when an exporter writes one; LayerNormalization stays float16 with `stash_type` 1, which makes
-  its mean and variance float32 by the operator's definition;
-- Softmax / LogSoftmax (attention and the SABW weights), Exp, Log, Pow, Sqrt, Reciprocal, Reduce*;
+  GroupNormalization, BatchNormalization; statistics computed in the graph: Reduce*, Pow, squares
+  Mul(a, a), centred values x − ReduceMean(x), and the elementwise nodes computed from statistics
+  alone (a decomposed LayerNorm's or a variance's chain: + eps, Sqrt, Div, Log …; a square past 256
+  overflows float16); LayerNormalization stays float16 with `stash_type` 1, which makes its mean and
+  variance float32 by the operator's definition;
+- Softmax / LogSoftmax (attention and the SABW weights), Exp, Log, Sqrt, Reciprocal;
 - the timestep embedding: Sin, Cos and every node their arguments are computed from (the timestep
   input, its Cast, the frequencies), so t · freq is formed in float32 (t = 999 has a float16 ulp of 0.5);
 - control flow (If/Loop/Scan) with their subgraphs as they are;
@@ -54,6 +56,11 @@ EMBEDDING_ROOTS = frozenset({"Sin", "Cos"})
 MOVEMENT_OPS = frozenset({
     "Identity", "Reshape", "Unsqueeze", "Squeeze", "Transpose", "Concat", "Slice", "Gather", "GatherElements",
     "Expand", "Flatten", "Tile", "Split", "Constant", "ConstantOfShape", "Cast", "Where", "Pad",
+})
+# Elementwise ops that stay float32 when every non-constant input is a float32 statistic.
+STATISTIC_FOLLOWERS = frozenset({
+    "Add", "Sub", "Mul", "Div", "Sqrt", "Reciprocal", "Log", "Exp", "Abs", "Neg", "Max", "Min", "Clip",
+    "Identity", "Reshape", "Unsqueeze", "Squeeze", "Transpose", "Expand", "Where",
 })
 # Inputs that do not take the node's float type T (left as they are).
 FIXED_INPUTS = {"Resize": {1, 2}, "Upsample": {1}}
@@ -193,20 +200,23 @@ def plan_precisions(model: onnx.ModelProto, types: Mapping[str, int]) -> List[st
                     fp32[k] = True
                     stack.append(k)
 
-    # a decomposed norm: D = x − ReduceMean(x); every node on a path from D to a Div that reads D
+    # statistics: Reduce*, Pow, squares Mul(a, a), centred values x − ReduceMean(x) (a decomposed
+    # norm's or a variance's), and the cheap elementwise nodes computed from statistics alone (the
+    # variance's division, eps, Sqrt, Log …) run in float32: a square past 256 overflows float16
+    stats: Set[str] = set()
+    constants = {i.name for i in model.graph.initializer} | \
+        {o for n in nodes if n.op_type in ("Constant", "ConstantOfShape") for o in n.output}
     for k, n in enumerate(nodes):
-        if n.op_type != "ReduceMean" or not n.output:
-            continue
-        for s, _ in consumers.get(n.output[0], []):
-            sub = nodes[s]
-            if sub.op_type != "Sub" or list(sub.input) != [n.input[0], n.output[0]]:
-                continue
-            forward = _reachable(s, nodes, consumers, limit=12)
-            for d in forward:
-                if nodes[d].op_type == "Div" and sub.output[0] in nodes[d].input:
-                    chain = forward & _reaching(d, nodes, producer, limit=12)
-                    for c in chain | {s, d}:
-                        fp32[c] = True
+        float_in = [x for i, x in enumerate(n.input) if x and _is_float(types, x) and _reads_float(n.op_type, i)]
+        source = n.op_type.startswith("Reduce") or n.op_type == "Pow" or \
+            (n.op_type == "Mul" and len(n.input) == 2 and n.input[0] == n.input[1]) or \
+            (n.op_type == "Sub" and n.input[1] in producer and nodes[producer[n.input[1]]].op_type == "ReduceMean"
+             and nodes[producer[n.input[1]]].input[0] == n.input[0])
+        variable = [x for x in float_in if x not in constants]
+        derived = n.op_type in STATISTIC_FOLLOWERS and variable and all(x in stats for x in variable)
+        if source or derived:
+            fp32[k] = True
+            stats.update(o for o in n.output if o and _is_float(types, o))
 
     # movement ops and constants feeding only float32 consumers stay float32 (no casts of constants)
     changed = True
@@ -227,34 +237,6 @@ def plan_precisions(model: onnx.ModelProto, types: Mapping[str, int]) -> List[st
                 fp32[k] = True
                 changed = True
     return ["fp32" if f else "fp16" for f in fp32]
-
-
-def _reachable(start: int, nodes, consumers, limit: int) -> Set[int]:
-    found, frontier = {start}, [start]
-    for _ in range(limit):
-        nxt = []
-        for k in frontier:
-            for o in nodes[k].output:
-                for c, _ in consumers.get(o, []):
-                    if c not in found:
-                        found.add(c)
-                        nxt.append(c)
-        frontier = nxt
-    return found
-
-
-def _reaching(end: int, nodes, producer, limit: int) -> Set[int]:
-    found, frontier = {end}, [end]
-    for _ in range(limit):
-        nxt = []
-        for k in frontier:
-            for name in nodes[k].input:
-                p = producer.get(name)
-                if p is not None and p not in found:
-                    found.add(p)
-                    nxt.append(p)
-        frontier = nxt
-    return found
 
 
 # ------------------------------------------------------------------------------------------- rewrite

@@ -49,6 +49,7 @@ GRAPHS = {
     "experts/alpha/unet": lambda: _unet_feeds(),
     "experts/odd/unet": lambda: _unet_feeds(batch=2, h=6, w=10, timestep=np.int64),
     "ensembles/duo": lambda: _unet_feeds(batch=2, experts=2),
+    "ensembles/fuse": lambda: _unet_feeds(batch=2, h=4, w=4, experts=2),
     "text_encoder": lambda: {"input_ids": np.array([[598, 12, 40, 599] + [599] * 73,
                                                     [598] + list(range(20, 95)) + [599]], np.int64)},
     "vae_decoder": lambda: {"latent_sample": rng.standard_normal((2, 4, 5, 3)).astype(np.float32)},
@@ -102,7 +103,7 @@ def test_heavy_ops_compute_in_float16_and_sensitive_ops_in_float32(converted, re
 
 def test_timestep_embedding_is_formed_in_float32(converted):
     """t · freq reaches Sin/Cos in float32: the Mul before them and the timestep's Cast stay float32."""
-    for rel in ("experts/alpha/unet", "experts/odd/unet", "ensembles/duo"):
+    for rel in ("experts/alpha/unet", "experts/odd/unet", "ensembles/duo", "ensembles/fuse"):
         _, model16, _ = converted[rel]
         _, types = _node_input_types(model16)
         producer = {o: n for n in model16.graph.node for o in n.output}
@@ -137,7 +138,7 @@ def test_float16_graph_matches_float32_in_onnxruntime(converted, rel, tmp_path):
         assert set(got) == set(reference)
         assert all(v.dtype == reference[k].dtype for k, v in got.items())
         _compare(reference, got, f"{rel} ({kind})")
-    if rel == "ensembles/duo":
+    if rel.startswith("ensembles/"):
         maps = ort_check.run_onnx(paths["emulated"], feeds)["contributions"]
         assert np.allclose(maps.sum(1), 1.0, atol=2e-3)
 
@@ -189,9 +190,35 @@ def test_a_decomposed_layer_norm_keeps_its_statistics_in_float32():
     by_output = {n.output[0]: n for n in model16.graph.node}
     for name in ("mean", "d", "sq", "var", "ve", "std", "n"):
         assert types[name] == FLOAT, name
-    assert types["h"] == FLOAT16 and types[by_output["y"].input[0]] == FLOAT16
+    assert types["h"] == FLOAT16 and types[by_output["y"].input[0]] == FLOAT  # the affine follows in float32
     assert {i.name: i.data_type for i in model16.graph.initializer}["w"] == FLOAT16
     assert types["y"] == FLOAT
+
+
+def test_a_variance_of_large_activations_does_not_overflow(tmp_path):
+    """The fuse ensemble's statistic, mean((x − mean x)²) then Log, on activations near 1000 (squares
+    past float16's 65504): the square and what follows stay float32, so the result stays finite."""
+    x = helper.make_tensor_value_info("x", FLOAT, [2, 16])
+    y = helper.make_tensor_value_info("y", FLOAT, [2, 1])
+    w = numpy_helper.from_array((np.eye(16) * 1000).astype(np.float32), "w")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("ReduceMean", ["h"], ["mean"], axes=[-1]),
+        helper.make_node("Sub", ["h", "mean"], ["d"]),
+        helper.make_node("Mul", ["d", "d"], ["sq"]),
+        helper.make_node("ReduceMean", ["sq"], ["var"], axes=[-1]),
+        helper.make_node("Log", ["var"], ["y"]),
+    ]
+    model = _graph(nodes, [x], [y], [w])
+    model16, _ = to_fp16_compute(model)
+    _, types = _node_input_types(model16)
+    assert types["h"] == FLOAT16 and all(types[v] == FLOAT for v in ("mean", "d", "sq", "var"))
+    ort_check.skip_unless_available()
+    onnx.save(model, str(tmp_path / "fp32.onnx"))
+    onnx.save(emulate_fp16(model16), str(tmp_path / "emulated.onnx"))
+    feeds = {"x": rng.uniform(-1, 1, (2, 16)).astype(np.float32)}
+    _compare(ort_check.run_onnx(str(tmp_path / "fp32.onnx"), feeds),
+             ort_check.run_onnx(str(tmp_path / "emulated.onnx"), feeds), "variance")
 
 
 def test_constants_past_the_float16_range_are_clamped_and_control_flow_stays_float32():
