@@ -24,7 +24,7 @@ from trainer.export.manifest import FORMAT, FORMAT_VERSION, write_manifest
 from trainer.export.package import architecture_tag
 from trainer.export.parity import Check
 from trainer.importer.errors import ImportFailure
-from trainer.importer.inputs import Checkpoint, open_input, open_vae, sha256_of, weights_hash
+from trainer.importer.inputs import PICKLE_SUFFIXES, Checkpoint, open_input, open_vae, sha256_of, weights_hash
 from trainer.importer.naming import expert_ids, title
 from trainer.importer.sources import SOURCES_FILE
 from trainer.io.sd_text_encoder import text_encoder_from_state_dict
@@ -193,9 +193,11 @@ def import_checkpoints(opts: ImportOptions, log: Callable[[str], None] = print) 
     if side % downsample:
         raise ImportFailure(f"--size {side} is not a multiple of the VAE's downsampling {downsample}")
     sample_size = side // downsample
+    parts = {"vae": vae}
+    del vae  # _write drops it once exported: one U-Net at a time is what stays in memory
     staging = _temp_dir_beside(out)
     try:
-        manifest = _write(staging, opts, experts, vae, vae_path, shared_hash, side, sample_size, downsample, log)
+        manifest = _write(staging, opts, experts, parts, vae_path, shared_hash, sample_size, downsample, log)
         if os.path.exists(out):
             old = _temp_dir_beside(out)
             os.rmdir(old)
@@ -212,8 +214,10 @@ def import_checkpoints(opts: ImportOptions, log: Callable[[str], None] = print) 
     return ImportResult(out=out, manifest=manifest, notes=notes)
 
 
-def _write(staging: str, opts: ImportOptions, experts: List[_Expert], vae, vae_path: str, shared_hash: str,
-           side: int, sample_size: int, downsample: int, log) -> Dict[str, Any]:
+def _write(staging: str, opts: ImportOptions, experts: List[_Expert], parts: Dict[str, Any], vae_path: str,
+           shared_hash: str, sample_size: int, downsample: int, log) -> Dict[str, Any]:
+    side = sample_size * downsample
+    vae = parts.pop("vae")
     def record(report) -> None:
         log(report.summary().replace(os.path.relpath(report.path), os.path.relpath(report.path, staging)))
 
@@ -269,8 +273,10 @@ def _write(staging: str, opts: ImportOptions, experts: List[_Expert], vae, vae_p
             "experts": entries, "ensembles": [],
         }
         write_manifest(staging, manifest)
-        _write_json(os.path.join(staging, SOURCES_FILE),
-                    {"experts": sources, "vae": {"path": vae_path, "sha256": _file_sha(vae_path)}})
+        vae_source: Dict[str, Any] = {"path": vae_path, "sha256": _file_sha(vae_path)}
+        if vae_path.lower().endswith(PICKLE_SUFFIXES):
+            vae_source["pickle"] = True
+        _write_json(os.path.join(staging, SOURCES_FILE), {"experts": sources, "vae": vae_source})
         return manifest
     except (ExportError, ManifestError) as e:
         raise ImportFailure(f"export failed: {' '.join(str(e).split())}") from None

@@ -248,3 +248,27 @@ def test_weights_hash_ignores_storage_precision_of_equal_values():
     half = {k: v.half() if v.is_floating_point() else v for k, v in clip.items()}
     assert importer_inputs.weights_hash(clip, torch.float16) == importer_inputs.weights_hash(half, torch.float16)
     assert importer_inputs.weights_hash(clip, torch.float32) != importer_inputs.weights_hash(half, torch.float32)
+
+
+def test_an_afa_training_config_for_the_imported_package(imported, tmp_path):
+    """afa_config writes the text encoders and VAE as model folders and a config that the trainer
+    builds its ensemble from (the experts' own checkpoints, the retrained CLIP for its expert)."""
+    from trainer.importer.afa_config import write_afa_config
+    from trainer.training.config import build_ensemble, build_text_encoder, build_vae
+
+    out, _ = imported
+    path = write_afa_config(str(out), str(tmp_path / "afa"), str(tmp_path / "images"),
+                            experts=["alpha", "retrained", "delta"], log=lambda line: None)
+    config = json.loads(open(path).read())
+    assert config["expert_ids"] == ["alpha", "retrained", "delta"]
+    assert config["afa"] == {"hidden": 128, "depth": 2}
+    folders = [t["pretrained"] for t in config["text_encoders"]]
+    assert folders[0] == folders[2] != folders[1] and folders[1].endswith("text_encoder-retrained")
+    ensemble = build_ensemble(config)
+    assert ensemble.num_experts == 3
+    expected = make_unet(1).state_dict()
+    assert all(torch.equal(v, expected[k].half().float()) for k, v in ensemble.unets[0].state_dict().items())
+    clip = build_text_encoder(config["text_encoders"][1], None)
+    assert all(torch.equal(v, make_clip(101).state_dict()[k].half().float()) for k, v in clip.state_dict().items())
+    vae = build_vae(config["vae"])
+    assert all(torch.equal(v, make_vae(VAE_SEED).state_dict()[k].half().float()) for k, v in vae.state_dict().items())
