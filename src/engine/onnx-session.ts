@@ -5,7 +5,7 @@ import { EngineError } from './api.ts';
 import { checkCudaLibraries, describeMissing, explainCudaFailure, type CudaLibraryReport } from './cuda-libraries.ts';
 import { float16ToFloat32, float32ToFloat16 } from './float16.ts';
 import type { Precision } from './manifest.ts';
-import { openThroughCache } from './session-cache.ts';
+import { graphFiles, openThroughCache } from './session-cache.ts';
 
 export type ExecutionProvider = 'cpu' | 'cuda';
 
@@ -130,7 +130,8 @@ export class GraphSession {
     let bytes = 0;
     if (typeof source === 'string') {
       try {
-        bytes = (await stat(source)).size;
+        await stat(source);
+        bytes = (await graphFiles(source)).reduce((a, f) => a + f.size, 0); // with its external data
       } catch {
         throw new EngineError('bad_package', `Missing graph: ${source}`);
       }

@@ -43,16 +43,32 @@ function hash(text: string, length: number): string {
   return createHash('sha256').update(text).digest('hex').slice(0, length);
 }
 
+/**
+ * The graph file and its external-data files beside it (`model.onnx_data`, `model.onnx.data`, … :
+ * names that start with the graph's), with their sizes and modification times.
+ */
+export async function graphFiles(graph: string): Promise<{ name: string; size: number; mtimeMs: number }[]> {
+  const dir = path.dirname(graph);
+  const base = path.basename(graph);
+  const names = (await readdir(dir)).filter((n) => n === base || n.startsWith(`${base}_`) || n.startsWith(`${base}.`)).sort();
+  return Promise.all(
+    names.map(async (name) => {
+      const s = await stat(path.join(dir, name));
+      return { name, size: s.size, mtimeMs: Math.round(s.mtimeMs) };
+    }),
+  );
+}
+
 export async function cacheKeyParts(
   graph: string,
   executionProvider: string,
   optimizationLevel: string,
 ): Promise<CacheKeyParts> {
-  const s = await stat(graph);
+  const files = await graphFiles(graph);
   return {
     graph: path.resolve(graph),
-    size: s.size,
-    mtimeMs: Math.round(s.mtimeMs),
+    size: files.reduce((a, f) => a + f.size, 0),
+    mtimeMs: Math.max(...files.map((f) => f.mtimeMs)),
     ort: ort.env.versions.node ?? ort.env.versions.common,
     executionProvider,
     optimizationLevel,
