@@ -9,7 +9,7 @@ import { gunzipSync } from 'node:zlib';
 import { describe, test } from 'node:test';
 import type { RgbImage } from '../src/engine/api.ts';
 import {
-  COLOUR_MARGIN,
+  BOUNDARY_SHARE,
   deltaE,
   frameBackground,
   nearestColours,
@@ -64,7 +64,7 @@ describe('strict colour reading: colour science', () => {
     }
   });
 
-  test('a colour between two palette colours is "unclear" unless clearly nearer one of them', () => {
+  test('a colour near the boundary between two palette colours, or far from all of them, is "unclear"', () => {
     // a square of a given colour on white
     const square = (rgb: readonly [number, number, number]) => {
       const img = solid([255, 255, 255]);
@@ -86,7 +86,13 @@ describe('strict colour reading: colour science', () => {
     const halfway = readRegionColour(square(mix(red, orange, 0.5)), 0, SIDE);
     assert.equal(halfway.label, 'unclear');
     assert.equal(halfway.nearest, 'red');
-    assert.ok(halfway.margin! > 1 && halfway.margin! < COLOUR_MARGIN, `margin ${halfway.margin}`);
+    assert.ok(halfway.toward! > BOUNDARY_SHARE && halfway.toward! < 0.5, `toward ${halfway.toward}`);
+    // a lighter, greyer blue leans away from purple: blue, though purple is only ΔE 26 from blue
+    assert.equal(readRegionColour(square([45, 101, 186]), 0, SIDE).label, 'blue');
+    // muddy: nearest red, but far from every palette colour
+    const muddy = readRegionColour(square([143, 87, 78]), 0, SIDE);
+    assert.deepEqual([muddy.label, muddy.nearest], ['unclear', 'red']);
+    assert.ok(muddy.toward! < BOUNDARY_SHARE);
   });
 });
 

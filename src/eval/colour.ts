@@ -12,22 +12,29 @@
 //  3. Solid pixels: object pixels whose 8 neighbours are object pixels too (no anti-aliased or blurred
 //     edge). Thin shapes (a small ring's stroke is under 2 px) have few: then the half of the object
 //     pixels farthest from the background.
-//  4. The mean CIELAB colour of the solid pixels, against the six palette colours: it reads as the
-//     nearest colour only when the second nearest is at least COLOUR_MARGIN times as far (else
-//     "unclear"), and only when at least UNIFORM_SHARE of the solid pixels are that colour one by one
-//     (else "mixed": a red circle with a purple-grey centre is not a red circle).
+//  4. The mean CIELAB colour of the solid pixels, against the six palette colours. It reads as the
+//     nearest palette colour only when it is clearly on that colour's side of the boundary to every
+//     other one (at most BOUNDARY_SHARE of the way to it, the boundary being halfway) and within
+//     MAX_DISTANCE of it (else "unclear"), and only when at least UNIFORM_SHARE of the solid pixels
+//     are that colour one by one (else "mixed": a red circle with a purple-grey centre is not red).
 import { COLOURS, PALETTE_RGB, type Colour, type Rgb, type Scene } from './world.ts';
 import type { RgbImage } from '../engine/api.ts';
 
 /**
- * The second-nearest palette colour must be at least this many times as far (CIELAB ΔE76) as the
- * nearest. Blue and purple are only 26 apart and red and orange 46, so a plain nearest-colour rule
- * would take anything near their midpoints; at 1.5 the mean must lie within 40% of the way from the
- * stated colour to its nearest neighbour: sRGB halfway between red and orange (232, 90, 30) is
- * ΔE 21 from red and 26 from orange (ratio 1.24) and reads "unclear", while an object drawn in its
- * palette colour up to about ΔE 9 off (toward its neighbour) still reads right.
+ * How far (as a share of the distance between them, in CIELAB) the mean may lie from its nearest
+ * palette colour toward any other; halfway (0.5) is the boundary between them, so the band from 0.4
+ * to 0.6 around every boundary reads "unclear". sRGB halfway between red and orange (232, 90, 30) lies
+ * 0.45 of the way from red to orange and is unclear; a lighter, greyer blue (45, 101, 186) lies 0.23
+ * of the way toward its nearest neighbour and is blue. A rule on the ratio of the two nearest
+ * distances would call that blue unclear (ratio 1.3): blue and purple are only ΔE 26 apart, so any
+ * deviation from blue, even one away from purple, shrinks the ratio.
  */
-export const COLOUR_MARGIN = 1.5;
+export const BOUNDARY_SHARE = 0.4;
+/**
+ * A mean farther than this (CIELAB ΔE76) from every palette colour is no palette colour ("unclear"):
+ * muddy or greyish. Palette colours are 26–64 from their nearest neighbours.
+ */
+export const MAX_DISTANCE = 50;
 /** Share of an object's solid pixels that must be its colour one by one (nearest palette colour). */
 export const UNIFORM_SHARE = 0.8;
 /** A pixel belongs to an object when it is at least this far (CIELAB ΔE76) from the background. */
@@ -65,6 +72,22 @@ export function deltaE(a: Lab, b: Lab): number {
 
 const PALETTE_LAB: Lab[] = COLOURS.map((c) => rgbToLab(...PALETTE_RGB[c]));
 
+/**
+ * The largest share of the way from palette colour `from` toward another palette colour that `lab`
+ * has gone (its projection on the line between them; 0.5 is the boundary between the two).
+ */
+export function towardOthers(lab: Lab, from: Colour): number {
+  const a = PALETTE_LAB[COLOURS.indexOf(from)];
+  let most = -Infinity;
+  for (const b of PALETTE_LAB) {
+    if (b === a) continue;
+    const axis = [b[0] - a[0], b[1] - a[1], b[2] - a[2]];
+    const t = ((lab[0] - a[0]) * axis[0] + (lab[1] - a[1]) * axis[1] + (lab[2] - a[2]) * axis[2]) / (axis[0] ** 2 + axis[1] ** 2 + axis[2] ** 2);
+    most = Math.max(most, t);
+  }
+  return most;
+}
+
 /** The palette colours by distance from `lab`, nearest first. */
 export function nearestColours(lab: Lab): { colour: Colour; distance: number }[] {
   return COLOURS.map((colour, i) => ({ colour, distance: deltaE(lab, PALETTE_LAB[i]) })).sort((a, b) => a.distance - b.distance);
@@ -72,12 +95,14 @@ export function nearestColours(lab: Lab): { colour: Colour; distance: number }[]
 
 /** What the strict reading sees of one object. `label` is what the scoring compares with the stated colour. */
 export interface ColourReading {
-  /** The colour, or "unclear" (no palette colour by the margin), "mixed" (not one colour) or "none" (no object pixels). */
+  /** The colour, or "unclear" (near a boundary between palette colours, or far from all), "mixed" (not one colour) or "none" (no object pixels). */
   label: Colour | 'unclear' | 'mixed' | 'none';
   /** Nearest palette colour of the mean (absent when there is no object). */
   nearest?: Colour;
-  /** Distance of the second-nearest palette colour over the nearest's (∞ when the mean is exactly a palette colour). */
-  margin?: number;
+  /** CIELAB distance of the mean from `nearest`. */
+  distance?: number;
+  /** How far the mean lies from `nearest` toward the other palette colour it leans to most (share of the way; 0.5 = the boundary). */
+  toward?: number;
   /** Share of the solid pixels whose own nearest palette colour is `nearest`. */
   uniform?: number;
   /** Mean colour of the solid pixels, sRGB-ish (for the per-prompt file). */
@@ -158,14 +183,15 @@ export function readRegionColour(image: RgbImage, x0: number, x1: number, bg: Rg
     const p = (y * width + x0 + (i % w)) * 3;
     for (let c = 0; c < 3; c++) meanRgb[c] += data[p + c] / solid.length;
   }
-  const [first, second] = nearestColours(mean);
-  const margin = first.distance === 0 ? Infinity : second.distance / first.distance;
+  const [first] = nearestColours(mean);
+  const toward = towardOthers(mean, first.colour);
   const uniform = solid.filter((i) => nearestColours(labs[i])[0].colour === first.colour).length / solid.length;
-  const label = margin < COLOUR_MARGIN ? 'unclear' : uniform < UNIFORM_SHARE ? 'mixed' : first.colour;
+  const label = toward > BOUNDARY_SHARE || first.distance > MAX_DISTANCE ? 'unclear' : uniform < UNIFORM_SHARE ? 'mixed' : first.colour;
   return {
     label,
     nearest: first.colour,
-    margin,
+    distance: first.distance,
+    toward,
     uniform,
     mean: meanRgb.map((v) => Math.round(v)) as unknown as Rgb,
     pixels,

@@ -150,8 +150,8 @@ export function renderReport(r: ReportInput): string {
     '',
     'Every prompt is generated once per mode with the same seed. Colours are read strictly from the pixels ' +
       '(`src/eval/colour.ts`): each object\'s mean CIELAB colour (the whole image, or its half of a two-object image, ' +
-      'against the background of the image frame) must be nearest to the stated palette colour, with the second-nearest ' +
-      'at least 1.5 times as far, and 80% of its solid pixels must be that colour. Every other attribute is read by the ' +
+      'against the background of the image frame) must be nearest to the stated palette colour and clearly so (at most 0.4 ' +
+      'of the way toward any other palette colour, within ΔE 50 of it), and 80% of its solid pixels must be that colour. Every other attribute is read by the ' +
       'attribute classifier (`eval/classifier.onnx`). An attribute column is the share of stated values read back ' +
       'correctly; **full match** is the share of images with every stated attribute right and the right number of objects. ' +
       'Two-object prompts are read per half (left object, right object); their position counts as right when both objects ' +
@@ -228,7 +228,7 @@ export function renderReport(r: ReportInput): string {
   out.push(
     '- Strict colour reading (`src/eval/colour.ts`, tested on the renderer\'s own images in `test/eval-colour.test.ts`): background = the median of the 2-px image frame; ' +
       'object pixels = CIELAB ΔE > 25 from it; solid pixels = object pixels whose 8 neighbours are object pixels (thin shapes: the half farthest from the background); ' +
-      'their mean against the palette with a 1.5× nearest-colour margin (blue and purple are only ΔE 26 apart, red and orange 46), and 80% of them that colour one by one.',
+      'their mean must be nearest the stated palette colour, at most 0.4 of the way toward any other (0.5 is the boundary; blue and purple are only ΔE 26 apart, red and orange 46) and within ΔE 50 of it, and 80% of them must be that colour one by one.',
   );
   if (r.reference.status === 'ok') {
     const floor = (['single', 'pair'] as const)
