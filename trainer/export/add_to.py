@@ -41,6 +41,7 @@ from trainer.export.graphs import GraphReport, export_afa
 from trainer.export.manifest import validate_manifest
 from trainer.export.onnx_io import graph_io
 from trainer.export.package import default_title, ensemble_method
+from trainer.export.fp16_compute import add_fp16_variants
 from trainer.export.parity import Check, add_graph_arguments, check_from_arguments
 from trainer.export.shared_weights import DATA_NAME, external_files, share_weights
 from trainer.io.model_folders import afa_hyperparameters, load_aggregators, load_unet, read_afa_config
@@ -395,6 +396,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 entry = add_afa(args.add_to, args.aggregator, experts=experts, ens_id=args.id, title=args.title,
                                 description=args.description or "", subsets=bool(args.subsets), force=args.force,
                                 fp16=fp16, check=check, share=not args.no_share)
+        if args.cuda_fp16:
+            add_fp16_variants(args.add_to, ("ensembles",), paths={entry["graph"]}, force=True)
     except (ExportError, ManifestError, OSError, ValueError) as e:
         print(f"add-to failed: {e}", file=sys.stderr)
         return 1

@@ -20,6 +20,7 @@ import torch
 from trainer.export.errors import ExportError, ManifestError
 from trainer.export.graphs import GraphReport, export_vae_encoder
 from trainer.export.manifest import write_manifest
+from trainer.export.fp16_compute import add_fp16_variants
 from trainer.export.parity import Check, add_graph_arguments, check_from_arguments
 from trainer.io.model_folders import load_vae
 from trainer.models.vae import AutoencoderKL
@@ -62,6 +63,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         with torch.no_grad():
             add_vae_encoder(args.package, load_vae(args.vae), fp16=args.fp16, check=check)
+        if args.cuda_fp16:
+            add_fp16_variants(args.package, ("vae_encoder",), force=True)
     except (ExportError, ManifestError) as e:
         print(f"export failed: {e}", file=sys.stderr)
         return 1

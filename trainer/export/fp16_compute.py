@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict, Iterator, List, Mapping, MutableMapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, MutableMapping, Optional, Sequence, Set, Tuple
 
 import onnx
 
@@ -90,9 +90,10 @@ def _refs(manifest: MutableMapping[str, Any], kinds: Sequence[str]) -> Iterator[
 
 
 def add_fp16_variants(package_dir: str, kinds: Sequence[str] = GRAPH_KINDS, *, force: bool = False,
-                      log=print) -> Dict[str, Fp16Report]:
+                      paths: Optional[Set[str]] = None, log=print) -> Dict[str, Fp16Report]:
     """Writes the float16-compute variant of each chosen graph and rewrites manifest.json; returns
-    {float32 graph path: report} for the graphs converted. A graph named twice is converted once."""
+    {float32 graph path: report} for the graphs converted. A graph named twice is converted once.
+    paths: only the references to these float32 graphs (as the manifest spells them)."""
     manifest_path = os.path.join(package_dir, "manifest.json")
     try:
         with open(manifest_path, encoding="utf-8") as f:
@@ -102,6 +103,8 @@ def add_fp16_variants(package_dir: str, kinds: Sequence[str] = GRAPH_KINDS, *, f
     done: Dict[str, Tuple[str, Fp16Report]] = {}
     changed = False
     for what, container, key, ref in _refs(manifest, kinds):
+        if paths is not None and (ref if isinstance(ref, str) else ref.get("fp32")) not in paths:
+            continue
         if isinstance(ref, str):
             src = ref
         elif isinstance(ref, Mapping) and "fp32" in ref and ("fp16" not in ref or force):

@@ -19,6 +19,9 @@ Check = Union[bool, str]  # True: must run in onnxruntime; "auto": when availabl
 def add_graph_arguments(parser, what: str) -> None:
     """The export commands' shared options: --fp16 storage and the --check mode of the parity runs."""
     parser.add_argument("--fp16", action="store_true", help="store weights as float16 (compute stays float32)")
+    parser.add_argument("--cuda-fp16", action="store_true",
+                        help="also write float16-compute variants (model.fp16.onnx, for CUDA) of the graphs written "
+                             "and name them in the manifest (trainer.export.fp16_compute)")
     parser.add_argument("--check", choices=("auto", "require", "off"), default="auto",
                         help=f"run {what} in onnxruntime-node against PyTorch (auto: when node is there)")
 

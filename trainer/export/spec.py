@@ -13,6 +13,7 @@ import torch
 
 from trainer.export import add_to
 from trainer.export.errors import ExportError, ManifestError
+from trainer.export.fp16_compute import add_fp16_variants
 from trainer.export.package import EnsembleSpec, PackageResult, save_package
 from trainer.export.parity import Check, add_graph_arguments, check_from_arguments
 from trainer.io.model_folders import (afa_hyperparameters, load_aggregators, load_text_encoder, load_unet, load_vae,
@@ -88,6 +89,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         with torch.no_grad():
             result = package_from_spec(args.spec, args.out, fp16=args.fp16, check=check)
+        if args.cuda_fp16:
+            add_fp16_variants(args.out)
     except (ExportError, ManifestError) as e:
         print(f"export failed: {e}", file=sys.stderr)
         return 1

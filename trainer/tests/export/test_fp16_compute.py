@@ -295,3 +295,19 @@ def test_graph_kinds_and_paths():
     with pytest.raises(ValueError):
         parse_graph_kinds(" , ")
     assert issubclass(ManifestError, ValueError)  # main() tells them apart from bad --graphs
+
+
+def test_the_export_commands_take_cuda_fp16(package):
+    """`python3 -m trainer.export --add-to … --cuda-fp16` converts the new graph alone."""
+    if not _schema_has_precision_variants():
+        pytest.skip("the manifest readers take no {fp32, fp16} graph references yet (helper engine-sessions)")
+    from trainer.export.spec import main as export_main
+    assert export_main(["--add-to", package, "--method", "fuse", "--experts", "alpha,beta", "--id", "f2",
+                        "--cuda-fp16", "--check", "off"]) == 0
+    with open(os.path.join(package, "manifest.json"), encoding="utf-8") as f:
+        manifest = json.load(f)
+    graphs = {e["id"]: e["graph"] for e in manifest["ensembles"]}
+    assert isinstance(graphs["f2"], dict) and graphs["f2"]["fp16"] == fp16_path(graphs["f2"]["fp32"])
+    assert os.path.isfile(os.path.join(package, graphs["f2"]["fp16"]))
+    assert all(isinstance(graphs[k], str) for k in graphs if k != "f2")  # the other ensembles untouched
+    assert all(isinstance(e["unet"], str) for e in manifest["experts"])
