@@ -3,9 +3,11 @@
 A package made by the trainer keeps no PyTorch weights, but its expert graphs hold them: initializers named
 `unet.<parameter>` are the parameters as they are, and the exporter's constant folding turns the others
 into `onnx::MatMul_…` (a Linear weight, transposed) or `onnx::Mul_…` / `onnx::Add_…` (a GroupNorm's
-scale and shift, reshaped). Which parameter each folded name holds is learnt from a probe: a U-Net of
-the same config with distinct random weights, exported the same way (same exporter, same names).
-float16-stored weights come back as float32 (their values exactly).
+scale and shift, reshaped); equal tensors may share one initializer. Which parameter each weight holds
+is learnt from a probe: a U-Net of the same config with distinct random weights, exported the same way,
+whose nodes are those of the package's graph in the same order, so the weight a node reads in one
+graph is the weight the same node reads in the other. float16-stored weights come back as float32
+(their values exactly).
 
 `unet_from_graph` then checks the result: the graph exported from the recovered U-Net must give the
 package's graph's outputs (onnxruntime, both graphs on the same inputs) when onnxruntime is available.
@@ -29,11 +31,7 @@ from trainer.export.parity import Check
 from trainer.models.unet import UNet2DConditionModel, UNetConfig
 
 PREFIX = "unet."
-
-
-def _initializers(path: str) -> Dict[str, np.ndarray]:
-    model = onnx.load(path)  # external data too, from the graph's folder
-    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+CAST_SUFFIX = "__float32"  # trainer.export.fp16: the Cast output that float16-stored weights are read through
 
 
 def _export_options(path: str) -> Dict[str, object]:
@@ -44,28 +42,64 @@ def _export_options(path: str) -> Dict[str, object]:
             "attention_mask": "encoder_attention_mask" in inputs}
 
 
-def _folded_sources(probe: UNet2DConditionModel, options: Dict[str, object]) -> Dict[str, Tuple[str, bool]]:
-    """For each folded initializer name of the probe's graph: (parameter name, transposed)."""
-    with tempfile.TemporaryDirectory(prefix="unet-probe-") as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        export_unet(probe, path, check=False, **options)
-        folded = {k: v for k, v in _initializers(path).items() if not k.startswith(PREFIX)}
+def _probe_sources(probe: UNet2DConditionModel, options: Dict[str, object],
+                   tmp: str) -> Tuple[onnx.ModelProto, Dict[str, Tuple[str, bool]]]:
+    """The probe's graph and, for each of its initializers: (parameter name, transposed)."""
+    path = os.path.join(tmp, "model.onnx")
+    export_unet(probe, path, check=False, **options)
+    model = onnx.load(path)
     params = {name: p.detach().numpy() for name, p in probe.named_parameters()}
     by_size: Dict[int, list] = {}
     for name, value in params.items():
         by_size.setdefault(value.size, []).append(name)
     sources: Dict[str, Tuple[str, bool]] = {}
-    for key, value in folded.items():
+    for init in model.graph.initializer:
+        if init.name.startswith(PREFIX) and init.name[len(PREFIX):] in params:
+            sources[init.name] = (init.name[len(PREFIX):], False)
+            continue
+        value = numpy_helper.to_array(init)
         for name in by_size.get(value.size, []):
             param = params[name]
             if np.array_equal(value.reshape(-1), param.reshape(-1)):
-                sources[key] = (name, False)
+                sources[init.name] = (name, False)
             elif param.ndim == 2 and np.array_equal(value.reshape(param.shape[::-1]), param.T):
-                sources[key] = (name, True)
+                sources[init.name] = (name, True)
             else:
                 continue
             break
-    return sources
+    return model, sources
+
+
+def _corresponding_initializers(probe: onnx.ModelProto, graph: onnx.ModelProto, path: str) -> Dict[str, str]:
+    """probe initializer name → the package graph's initializer at the same place: the graphs have the same
+    nodes in the same order (the package's float16 Casts left out); the exporter may have merged equal
+    initializers of the package graph into one (Identity nodes read it for the others), so the names
+    themselves cannot be compared."""
+    graph_inits = {i.name for i in graph.graph.initializer}
+    probe_inits = {i.name for i in probe.graph.initializer}
+
+    def weight(name: str) -> str:
+        return name[:-len(CAST_SUFFIX)] if name.endswith(CAST_SUFFIX) and name[:-len(CAST_SUFFIX)] in graph_inits \
+            else name
+
+    # the exporter turns a duplicate weight into Identity(the kept one); float16 storage adds Casts
+    aliases = {n.output[0]: weight(n.input[0]) for n in graph.graph.node
+               if n.op_type == "Identity" and weight(n.input[0]) in graph_inits}
+    nodes = [n for n in graph.graph.node if not (n.op_type == "Cast" and n.name.endswith("__cast"))
+             and not (n.op_type == "Identity" and n.output[0] in aliases)]
+    if len(nodes) != len(probe.graph.node) or any(a.op_type != b.op_type for a, b in zip(nodes, probe.graph.node)):
+        raise ExportError(f"{path}: its nodes differ from those of a U-Net of its config exported here "
+                          f"({len(nodes)} vs {len(probe.graph.node)}); was it exported by another exporter version?")
+    mapping: Dict[str, str] = {}
+    for ours, theirs in zip(probe.graph.node, nodes):
+        for a, b in zip(ours.input, theirs.input):
+            if a in probe_inits:
+                b = aliases.get(b, weight(b))
+                if b not in graph_inits:
+                    raise ExportError(f"{path}: node {theirs.name or theirs.op_type} reads {b!r} where a weight was "
+                                      f"expected")
+                mapping[a] = b
+    return mapping
 
 
 @torch.no_grad()
@@ -85,24 +119,26 @@ def unet_from_graph(graph_path: str, config: Optional[UNetConfig] = None, *, che
     generator = torch.Generator().manual_seed(0)
     for p in probe.parameters():  # distinct values, so that every folded tensor names its parameter
         p.copy_(torch.randn(p.shape, generator=generator))
-    sources = _folded_sources(probe, options)
-    stored = _initializers(graph_path)
+    with tempfile.TemporaryDirectory(prefix="unet-probe-") as tmp:
+        probe_model, sources = _probe_sources(probe, options, tmp)
+    graph = onnx.load(graph_path)
+    places = _corresponding_initializers(probe_model, graph, graph_path)
+    stored = {i.name: i for i in graph.graph.initializer}
+    shapes = {name: p.shape for name, p in probe.named_parameters()}
     state: Dict[str, torch.Tensor] = {}
-    for key, value in stored.items():
-        if key.startswith(PREFIX):
-            state[key[len(PREFIX):]] = torch.from_numpy(value.astype(np.float32))
-        elif key in sources:
-            name, transposed = sources[key]
-            shape = dict(probe.named_parameters())[name].shape
-            array = value.astype(np.float32)
-            array = array.reshape(shape[::-1]).T if transposed else array.reshape(shape)
-            state[name] = torch.from_numpy(np.ascontiguousarray(array))
-    missing = sorted(set(dict(probe.named_parameters())) - set(state))
+    for probe_name, (name, transposed) in sources.items():
+        if name in state or probe_name not in places:
+            continue
+        array = numpy_helper.to_array(stored[places[probe_name]]).astype(np.float32)
+        shape = shapes[name]
+        array = array.reshape(shape[::-1]).T if transposed else array.reshape(shape)
+        state[name] = torch.from_numpy(np.ascontiguousarray(array))
+    missing = sorted(set(shapes) - set(state))
     if missing:
         raise ExportError(f"{graph_path}: cannot find {len(missing)} U-Net parameters in the graph (e.g. "
                           f"{', '.join(missing[:3])}); was it exported by another exporter version?")
     unet = UNet2DConditionModel(config).eval()
-    unet.load_state_dict(state, strict=False)
+    unet.load_state_dict(state)
     if check:
         _compare(graph_path, unet, options, check, tolerance)
     return unet
