@@ -88,6 +88,7 @@ class WeightFile:
                     f"code when loaded; convert it to .safetensors, or pass --allow-pickle if you trust where it "
                     f"came from")
             self.shapes = {k: _Shape(v.shape) for k, v in self._load_pickle().items()}
+            self.release()  # opening N inputs must not hold N checkpoints: parts are read again when used
         elif path.lower().endswith(".safetensors"):
             try:
                 entries, _, start = read_safetensors_header(path)

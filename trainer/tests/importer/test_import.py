@@ -272,3 +272,14 @@ def test_an_afa_training_config_for_the_imported_package(imported, tmp_path):
     assert all(torch.equal(v, make_clip(101).state_dict()[k].half().float()) for k, v in clip.state_dict().items())
     vae = build_vae(config["vae"])
     assert all(torch.equal(v, make_vae(VAE_SEED).state_dict()[k].half().float()) for k, v in vae.state_dict().items())
+
+
+def test_a_pickled_checkpoint_imports_with_allow_pickle(checkpoints, tmp_path):
+    _, paths = checkpoints
+    out = tmp_path / "p"
+    import_checkpoints(ImportOptions(out=str(out), inputs=[paths["pickle"]], size=32, allow_pickle=True, check=False),
+                       log=lambda line: None)
+    sources = json.loads((out / "sources.json").read_text())
+    assert sources["experts"]["pickled"]["pickle"] is True and sources["vae"]["pickle"] is True
+    unet = load_expert_unet(str(out), "pickled")
+    assert all(torch.equal(v, make_unet(1).state_dict()[k]) for k, v in unet.state_dict().items())
