@@ -102,7 +102,10 @@ class WeightFile:
                 _check_entries(path, entries, data_len)
             except ValueError as e:
                 detail = str(e).replace(f"{path}: ", "")
-                raise ImportFailure(f"{self.display} is truncated or corrupt ({detail})") from None
+                if "unsupported dtype" in detail:
+                    raise ImportFailure(f"{self.display}: {detail}; this importer reads "
+                                        f"{', '.join(SAFETENSORS_DTYPES)} tensors") from None
+                raise ImportFailure(f"{self.display} is corrupt or not a .safetensors file ({detail})") from None
             self.shapes = {k: _Shape(v["shape"]) for k, v in entries.items()}
             self.dtypes = {k: SAFETENSORS_DTYPES[v["dtype"]] for k, v in entries.items()}
         else:

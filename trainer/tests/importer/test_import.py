@@ -202,6 +202,8 @@ def test_other_families_and_layouts_are_named(tmp_path):
     broken = {k: v for k, v in base.items() if "input_blocks.1.1.norm" not in k}
     refused("broken.safetensors", broken, "missing 2 tensor")
     refused("unknown.bin.txt", base, "not a checkpoint this importer reads")
+    (tmp_path / "page.safetensors").write_bytes(b"<html>404 Not Found</html>" * 4)
+    _refused(tmp_path, [tmp_path / "page.safetensors"], "page.safetensors is corrupt or not a .safetensors file")
 
 
 def test_diffusers_folders_of_other_kinds_are_named(tmp_path):
