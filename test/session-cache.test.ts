@@ -8,7 +8,9 @@ import { after, before, describe, test } from 'node:test';
 import { packageCacheDir } from '../src/engine/cache-dir.ts';
 import { ModelPackage } from '../src/engine/model-package.ts';
 import { GraphSession, type FloatTensor } from '../src/engine/onnx-session.ts';
-import { ENTRY_DATA, ENTRY_MODEL } from '../src/engine/session-cache.ts';
+import { ENTRY_DATA, ENTRY_MODEL, openThroughCache } from '../src/engine/session-cache.ts';
+import { createSession, ortSessionOptions } from '../src/engine/onnx-session.ts';
+import { EngineError } from '../src/engine/api.ts';
 import { copyOfTiny } from './helpers/fixture.ts';
 
 async function runUnet(session: GraphSession): Promise<FloatTensor> {
@@ -96,6 +98,32 @@ describe('optimized-graph cache', () => {
     const after = await entries();
     assert.equal(after.length, 1);
     assert.notEqual(after[0], before[0]);
+  });
+
+  test('without a child process the engine writes the entry itself; a broken graph is a bad_package error either way', async () => {
+    const own = await mkdtemp(path.join(os.tmpdir(), 'optimized-own-'));
+    try {
+      const cpu = { executionProvider: 'cpu' as const };
+      const create = (file: string, o: Parameters<typeof createSession>[1]) => createSession(file, o, cpu, file);
+      const opened = await openThroughCache(unet, ortSessionOptions(cpu), own, create, { inChild: false });
+      assert.equal(opened.outcome, 'written');
+      await opened.session.release();
+      assert.equal((await readdir(own)).length, 1);
+      const hit = await GraphSession.open(unet, { ...cpu, optimizedCacheDir: own, optimizedCacheMinBytes: 0 });
+      assert.equal(hit.cacheOutcome, 'hit');
+      await hit.release();
+
+      const broken = path.join(dir, 'broken.onnx');
+      await writeFile(broken, 'this is not an ONNX model at all');
+      await assert.rejects(GraphSession.open(broken, { ...cpu, optimizedCacheDir: own, optimizedCacheMinBytes: 0 }), (err: Error) => {
+        assert.ok(err instanceof EngineError && err.code === 'bad_package', String(err));
+        assert.match(err.message, /broken\.onnx: it is corrupt or not an ONNX model/);
+        return true;
+      });
+      assert.ok((await readdir(own)).every((name) => !name.includes('.tmp-')), 'no temporary folder is left behind');
+    } finally {
+      await rm(own, { recursive: true, force: true });
+    }
   });
 
   test('ModelPackage keeps its graphs in the package cache folder on the CPU, only past the size threshold', async () => {

@@ -9,8 +9,10 @@
 // graph file (path, size, mtime), onnxruntime's version, the execution provider, the optimization
 // level and the CPU (level "all" writes CPU-specific layouts). Entries are written to a temporary
 // folder and renamed into place; one that fails to open is deleted and rebuilt.
+import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { mkdir, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { createRequire } from 'node:module';
 import { cpus } from 'node:os';
 import path from 'node:path';
 import ort from 'onnxruntime-node';
@@ -101,43 +103,74 @@ async function validEntry(dir: string, key: CacheKeyParts): Promise<boolean> {
 
 /**
  * Opens `graph` through the cache: from its optimized entry when there is a valid one (no
- * optimization at load: it was done), else from the graph itself, writing the entry on the way.
- * `options` are the session options for the graph (the optimization level is part of the key).
+ * optimization at load: it was done), else writes the entry first, in a child process (the load-time
+ * peak, about twice the float32 bytes of a float16-stored graph, then stays out of the engine's
+ * process and its heap), and opens it. When the child cannot write it, the engine optimizes the graph
+ * itself, writing the entry on the way. `options` are the session options for the graph (the
+ * optimization level is part of the key).
  */
 export async function openThroughCache(
   graph: string,
   options: ort.InferenceSession.SessionOptions,
   cacheDir: string,
   create: CreateSession,
+  { inChild = true }: { inChild?: boolean } = {},
 ): Promise<CachedOpen> {
   const level = options.graphOptimizationLevel ?? 'all';
   const key = await cacheKeyParts(graph, executionProviderName(options), level);
   const dir = entryDir(cacheDir, key);
+  const fromEntry = () => create(path.join(dir, ENTRY_MODEL), { ...options, graphOptimizationLevel: 'disabled' });
   let outcome: CachedOpen['outcome'] = 'written';
   if (await validEntry(dir, key)) {
     try {
-      const session = await create(path.join(dir, ENTRY_MODEL), { ...options, graphOptimizationLevel: 'disabled' });
-      return { session, outcome: 'hit', entry: dir };
+      return { session: await fromEntry(), outcome: 'hit', entry: dir };
     } catch {
       outcome = 'rebuilt';
     }
   }
   await rm(dir, { recursive: true, force: true });
-  return { session: await writeEntry(graph, options, key, dir, create), outcome, entry: dir };
+  if (inChild) {
+    // A child that fails (a broken graph, no way to start one) leaves it to the engine below, whose
+    // errors say what is wrong with the graph.
+    const stored = await writeEntry(graph, options, key, dir, optimizeInChild).catch(() => false);
+    if (stored) {
+      try {
+        return { session: await fromEntry(), outcome, entry: dir };
+      } catch {
+        await rm(dir, { recursive: true, force: true });
+      }
+    }
+  }
+  let session: ort.InferenceSession | undefined;
+  await writeEntry(graph, options, key, dir, async (file, opts) => {
+    session = await create(file, opts);
+  });
+  return { session: session!, outcome, entry: dir };
 }
 
+/** Writes the optimized graph of `graph` as onnxruntime does with `options.optimizedModelFilePath`. */
+type Optimize = (graph: string, options: ort.InferenceSession.SessionOptions) => Promise<void>;
+
+/**
+ * Writes the entry into a temporary folder and renames it into place; true when it is there. A
+ * failure of `optimize` itself is thrown (a broken graph); a cache that cannot be written is not.
+ */
 async function writeEntry(
   graph: string,
   options: ort.InferenceSession.SessionOptions,
   key: CacheKeyParts,
   dir: string,
-  create: CreateSession,
-): Promise<ort.InferenceSession> {
+  optimize: Optimize,
+): Promise<boolean> {
   const tmp = `${dir}.tmp-${process.pid}-${Math.random().toString(36).slice(2, 10)}`;
-  await mkdir(tmp, { recursive: true });
-  let session: ort.InferenceSession;
   try {
-    session = await create(graph, {
+    await mkdir(tmp, { recursive: true });
+  } catch {
+    await optimize(graph, options); // no cache here: only the session
+    return false;
+  }
+  try {
+    await optimize(graph, {
       ...options,
       optimizedModelFilePath: path.join(tmp, ENTRY_MODEL),
       // ORT warns that a level-"all" graph is for this machine only: the key holds the CPU for that.
@@ -158,14 +191,36 @@ async function writeEntry(
   try {
     const files: Record<string, number> = {};
     for (const name of await readdir(tmp)) files[name] = (await stat(path.join(tmp, name))).size;
+    if (files[ENTRY_MODEL] === undefined) throw new Error('onnxruntime wrote no optimized graph');
     await writeFile(path.join(tmp, ENTRY_META), `${JSON.stringify({ key, files }, null, 2)}\n`);
     await removeOlderEntries(path.dirname(dir), path.basename(dir));
     await rename(tmp, dir);
+    return true;
   } catch {
     // Another engine wrote the entry first, or the cache is not writable: the session is good anyway.
     await rm(tmp, { recursive: true, force: true });
+    return false;
   }
-  return session;
+}
+
+const CHILD_SCRIPT = `
+const [ortPath, graph, optionsJson] = process.argv.slice(1);
+require(ortPath).InferenceSession.create(graph, JSON.parse(optionsJson)).then(
+  (s) => s.release().then(() => process.exit(0)),
+  (e) => { process.stderr.write(String(e && e.message)); process.exit(1); });
+`;
+
+/** Runs onnxruntime's optimization in a child Node process; rejects when it fails. */
+function optimizeInChild(graph: string, options: ort.InferenceSession.SessionOptions): Promise<void> {
+  const ortPath = createRequire(import.meta.url).resolve('onnxruntime-node');
+  return new Promise((resolve, reject) => {
+    execFile(
+      process.execPath,
+      ['-e', CHILD_SCRIPT, ortPath, graph, JSON.stringify(options)],
+      { maxBuffer: 1 << 20, env: process.env },
+      (err, _stdout, stderr) => (err ? reject(new Error(stderr.trim() || err.message)) : resolve()),
+    );
+  });
 }
 
 /** Entries of the same graph under other keys (it changed, or onnxruntime was updated). */
