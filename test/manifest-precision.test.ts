@@ -88,6 +88,8 @@ describe('graph precision variants', () => {
       const alpha32 = await cpu.generate({ ...request, mode: 'single', experts: ['alpha'] });
       const beta32 = await cpu.generate({ ...request, mode: 'single', experts: ['beta'] });
       const alpha16 = await fp16.generate({ ...request, mode: 'single', experts: ['alpha'] });
+      assert.equal(cpu.info().precision, 'fp32');
+      assert.equal(fp16.info().precision, 'mixed');
       assert.notDeepEqual(alpha32.images[0].image.data, beta32.images[0].image.data);
       assert.deepEqual(alpha16.images[0].image.data, beta32.images[0].image.data);
     } finally {

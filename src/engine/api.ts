@@ -173,6 +173,8 @@ export interface PackageInfo {
   /** Whether requests may carry an `initImage` (the package has a VAE encoder); absent: no. */
   img2img?: boolean;
   executionProvider: string;
+  /** What the graphs in use compute in: all "fp32", all "fp16", or "mixed" (docs/model-package.md, "Precision variants"). */
+  precision?: 'fp32' | 'fp16' | 'mixed';
 }
 
 /** A user-facing failure: `message` is safe and meaningful to show to a person. */

@@ -86,6 +86,7 @@ export class ModelPackage {
       architectures: Object.fromEntries(m.experts.map((e) => [e.id, e.architecture])),
       img2img: m.vaeEncoder !== undefined,
       executionProvider: this.options.executionProvider,
+      precision: precisionSummary(this.manifest.graphs),
     };
   }
 
@@ -212,4 +213,9 @@ export class ModelPackage {
 /** One entry per file (a shared text encoder is listed for each expert that uses it). */
 function uniqueFiles(graphs: GraphChoice[]): GraphChoice[] {
   return [...new Map(graphs.map((g) => [g.path, g])).values()];
+}
+
+function precisionSummary(graphs: GraphChoice[]): 'fp32' | 'fp16' | 'mixed' {
+  const used = new Set(graphs.map((g) => g.precision));
+  return used.size === 1 ? [...used][0] : 'mixed';
 }
