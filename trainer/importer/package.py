@@ -24,7 +24,8 @@ from trainer.export.manifest import FORMAT, FORMAT_VERSION, write_manifest
 from trainer.export.package import architecture_tag
 from trainer.export.parity import Check
 from trainer.importer.errors import ImportFailure
-from trainer.importer.inputs import PICKLE_SUFFIXES, Checkpoint, open_input, open_vae, sha256_of, weights_hash
+from trainer.importer.inputs import Checkpoint, open_input, open_vae
+from trainer.importer.weight_files import PICKLE_SUFFIXES, sha256_of, weights_hash
 from trainer.importer.naming import expert_ids, title
 from trainer.importer.sources import SOURCES_FILE
 from trainer.io.sd_text_encoder import text_encoder_from_state_dict

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from trainer.importer import inputs as importer_inputs
+from trainer.importer import weight_files as importer_inputs
 from trainer.importer import package as importer_package
 from trainer.importer.errors import ImportFailure
 from trainer.importer.miniature import (SET, VAE_SEED, ldm_checkpoint, make_clip, make_unet, make_vae,
