@@ -210,7 +210,7 @@ def import_checkpoints(opts: ImportOptions, log: Callable[[str], None] = print) 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    kind = "SD1.x" if is_sd15 else "miniature SD-layout"
+    kind = "SD1.5-architecture" if is_sd15 else "SD1.x-layout (not SD1.5's size)"
     log(f"wrote {opts.out}: {len(experts)} {kind} experts ({', '.join(ids)}), {side}×{side} by default")
     return ImportResult(out=out, manifest=manifest, notes=notes)
 
