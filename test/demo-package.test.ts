@@ -22,11 +22,14 @@ describe('the demo package (models/demo)', () => {
     await classifier.dispose();
   });
 
-  test('lists the three experts, the trio ensemble and a display size for Discord', () => {
+  test('lists the three experts, the trio and fuse ensembles and a display size for Discord', () => {
     const info = engine.info();
     assert.deepEqual(info.experts.map((e) => e.id), ['curves', 'blocks', 'spikes']);
     for (const expert of info.experts) assert.ok(expert.description && expert.description.length > 10);
-    assert.deepEqual(info.ensembles.map((e) => [e.id, e.experts, e.subsets]), [['trio', ['curves', 'blocks', 'spikes'], true]]);
+    assert.deepEqual(info.ensembles.map((e) => [e.id, e.method, e.experts, e.subsets]), [
+      ['trio', 'afa', ['curves', 'blocks', 'spikes'], true],
+      ['fuse', 'fuse', ['curves', 'blocks', 'spikes'], true],
+    ]);
     assert.deepEqual([info.defaults.width, info.defaults.height], [64, 64]);
     assert.deepEqual(info.display, { width: 512, height: 512 });
   });
@@ -67,5 +70,21 @@ describe('the demo package (models/demo)', () => {
       assert.ok(Math.abs(sum - 1) < 1e-3, `pixel ${p}: weights sum to ${sum}`);
     }
     assert.ok(Math.abs(maps.shares.reduce((a, b) => a + b, 0) - 1) < 1e-6);
+  });
+
+  // The training-free fuse graph shares the trio's weights (ensembles/trio/weights.onnx_data): both open.
+  test('the fuse ensemble draws with contributions, with all three experts and with two', async () => {
+    for (const experts of [undefined, ['curves', 'spikes']]) {
+      const r = await engine.generate({
+        prompt: 'a red circle on the left and a blue square on the right, white background',
+        mode: 'fuse', ensemble: 'fuse', experts, seed: 4, steps: 4, contributions: true,
+      });
+      const maps = r.images[0].contributions!;
+      assert.deepEqual(maps.experts, experts ?? ['curves', 'blocks', 'spikes']);
+      for (let p = 0; p < maps.width * maps.height; p += 7) {
+        const sum = maps.weights.reduce((s, w) => s + w[p], 0);
+        assert.ok(Math.abs(sum - 1) < 1e-3, `pixel ${p}: weights sum to ${sum}`);
+      }
+    }
   });
 });

@@ -124,10 +124,9 @@ def _graph_options(path: str) -> Dict[str, Any]:
     """fp16 storage, timestep type and attention mask of an expert graph, for the new graph to match."""
     model = onnx.load(path, load_external_data=False)
     fp16 = any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
-    compact = bool(model.graph.node) and model.graph.node[0].name == "n0"
     inputs, _ = graph_io(path)
     int64 = inputs["timestep"].type.tensor_type.elem_type == onnx.TensorProto.INT64
-    return {"fp16": fp16, "compact": compact, "timestep_dtype": "int64" if int64 else "float32",
+    return {"fp16": fp16, "timestep_dtype": "int64" if int64 else "float32",
             "attention_mask": "encoder_attention_mask" in inputs}
 
 
@@ -158,6 +157,7 @@ def add_ensemble(package_dir: str, ens_id: str, ensemble: AFAEnsemble, experts: 
         raise ExportError(f"the ensemble has {ensemble.num_experts} U-Nets but {len(experts)} experts are named")
     method = ensemble_method(ensemble)
     options = _graph_options(os.path.join(package_dir, expert_graph(manifest, experts[0])))
+    options["compact"] = True  # short value names: the graph's structure is several MB with the exporter's
     if fp16 is not None:
         options["fp16"] = fp16
 

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from trainer.models.afa import ABSENT_LOGIT, AFAEnsemble, _check_same_points
 from trainer.models.unet_blocks import Attention, Transformer2DModel
 
-DEFAULT_TEMPERATURE = 0.5
+DEFAULT_TEMPERATURE = 1.0
 # Present experts' logits are clamped to ±LOGIT_LIMIT so that a tiny temperature can never push a
 # present expert below an absent one (ABSENT_LOGIT) nor overflow.
 LOGIT_LIMIT = 5.0e3
