@@ -1,5 +1,5 @@
 // `npm run import -- --out models/<name> [--name N] [--vae FILE] [--fp16|--fp32] [--force] [--allow-pickle]
-//                    [--size N] [--steps N] A.safetensors B.safetensors dir/ …`
+//                    [--size N] [--steps N] [--cuda-fp16] [--check auto|require|off] A.safetensors B.safetensors dir/ …`
 // SD1.x checkpoints → a model package (docs/import.md). A thin entry over the trainer's Python
 // (`python3 -m trainer.importer`), which reads the checkpoints with PyTorch and exports the graphs; its
 // progress goes to stdout, a refused import is one line on stderr and exit code 1.

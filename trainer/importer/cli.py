@@ -34,6 +34,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, help="default picture side in pixels (default: 512 for SD1.x; "
                                             "derived from the U-Net for other sizes)")
     p.add_argument("--steps", type=int, help="default denoising steps (default 25)")
+    p.add_argument("--cuda-fp16", action="store_true",
+                   help="also write float16-compute variants of every graph (model.fp16.onnx, for CUDA hosts)")
     p.add_argument("--check", choices=("auto", "require", "off"), default="auto",
                    help="run each graph in onnxruntime-node against PyTorch (auto: when node is there)")
     return p
@@ -43,7 +45,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser().parse_args(argv)
     opts = ImportOptions(out=args.out, inputs=args.inputs, name=args.name, vae=args.vae, fp16=args.fp16,
                          force=args.force, allow_pickle=args.allow_pickle, size=args.size, steps=args.steps,
-                         check={"auto": "auto", "require": True, "off": False}[args.check])
+                         check={"auto": "auto", "require": True, "off": False}[args.check], cuda_fp16=args.cuda_fp16)
     try:
         with torch.no_grad():
             import_checkpoints(opts, log=lambda line: print(line, flush=True))

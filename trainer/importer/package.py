@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from trainer.export.errors import ExportError, ManifestError
+from trainer.export.fp16_compute import add_fp16_variants
 from trainer.export.graphs import export_text_encoder, export_unet, export_vae_decoder, export_vae_encoder
 from trainer.export.manifest import FORMAT, FORMAT_VERSION, write_manifest
 from trainer.export.package import architecture_tag
@@ -65,6 +66,7 @@ class ImportOptions:
     size: Optional[int] = None         # default picture side; derived from the U-Net when None
     steps: Optional[int] = None
     check: Check = "auto"
+    cuda_fp16: bool = False            # also float16-compute variants (model.fp16.onnx) for CUDA (contract C1)
 
 
 @dataclass
@@ -274,6 +276,10 @@ def _write(staging: str, opts: ImportOptions, experts: List[_Expert], parts: Dic
             "experts": entries, "ensembles": [],
         }
         write_manifest(staging, manifest)
+        if opts.cuda_fp16:
+            add_fp16_variants(staging, log=lambda line: log(line.replace(staging + os.sep, "")))
+            with open(os.path.join(staging, "manifest.json"), encoding="utf-8") as f:
+                manifest = json.load(f)
         vae_source: Dict[str, Any] = {"path": vae_path, "sha256": _file_sha(vae_path)}
         if vae_path.lower().endswith(PICKLE_SUFFIXES):
             vae_source["pickle"] = True

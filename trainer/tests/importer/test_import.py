@@ -285,3 +285,16 @@ def test_a_pickled_checkpoint_imports_with_allow_pickle(checkpoints, tmp_path):
     assert sources["experts"]["pickled"]["pickle"] is True and sources["vae"]["pickle"] is True
     unet = load_expert_unet(str(out), "pickled")
     assert all(torch.equal(v, make_unet(1).state_dict()[k]) for k, v in unet.state_dict().items())
+
+
+def test_cuda_fp16_variants_are_named_in_the_manifest(checkpoints, tmp_path):
+    _, paths = checkpoints
+    out = tmp_path / "p"
+    import_checkpoints(ImportOptions(out=str(out), inputs=[paths["alpha.safetensors"], paths["retrained.safetensors"]],
+                                     size=32, cuda_fp16=True, check=False), log=lambda line: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["experts"][0]["unet"] == {"fp32": "experts/alpha/unet/model.onnx",
+                                              "fp16": "experts/alpha/unet/model.fp16.onnx"}
+    assert manifest["text_encoder"]["fp16"] == "text_encoder/model.fp16.onnx"
+    assert (out / "experts" / "alpha" / "unet" / "model.fp16.onnx").is_file()
+    assert load_expert_unet(str(out), "alpha") is not None
