@@ -182,7 +182,10 @@ class DiffusersFolder(Checkpoint):
                                     f"expert with \"path\" (docs/model-package.md) instead of importing it")
             raise ImportFailure(f"{self.display}: not a diffusers folder (no unet/config.json)")
         try:
-            self.unet_files = _diffusers_weight_files(sub("unet"), None)
+            try:
+                self.unet_files = _diffusers_weight_files(sub("unet"), None)
+            except FileNotFoundError:  # a folder with only the fp16 variant (diffusion_pytorch_model.fp16.*)
+                self.unet_files = _diffusers_weight_files(sub("unet"), "fp16")
             self.text_files = diffusers_text_encoder_files(sub("text_encoder")) \
                 if os.path.isdir(sub("text_encoder")) else []
             self.vae_config, self.vae_file = read_diffusers_vae_config(sub("vae")) \

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from trainer.importer import inputs as importer_inputs_module
 from trainer.importer import weight_files as importer_inputs
 from trainer.importer import package as importer_package
 from trainer.importer.errors import ImportFailure
@@ -218,6 +219,10 @@ def test_diffusers_folders_of_other_kinds_are_named(tmp_path):
     os.rename(os.path.join(binary, "unet", "diffusion_pytorch_model.safetensors"),
               os.path.join(binary, "unet", "diffusion_pytorch_model.bin"))
     _refused(tmp_path, [binary], "pickled checkpoint")
+    variant = write_diffusers(str(tmp_path / "variant"), make_unet(1), make_clip(100), make_vae(VAE_SEED))
+    os.rename(os.path.join(variant, "unet", "diffusion_pytorch_model.safetensors"),
+              os.path.join(variant, "unet", "diffusion_pytorch_model.fp16.safetensors"))
+    assert importer_inputs_module.open_input(variant, allow_pickle=False).unet_files[0].endswith(".fp16.safetensors")
 
 
 def test_a_failed_export_leaves_nothing(checkpoints, tmp_path, monkeypatch):
