@@ -7,7 +7,7 @@ import { fileURLToPath } from 'node:url';
 import sharp from 'sharp';
 import { startEngineThread } from '../src/engine-host/engine-thread.ts';
 import type { FakeMessage } from '../src/testing/fake-discord.ts';
-import { BotHarness, pngParameters } from './support/bot-harness.ts';
+import { BotHarness, embedField, pngParameters } from './support/bot-harness.ts';
 import { GatedEngine } from './support/engine-wrappers.ts';
 
 const DEMO = fileURLToPath(new URL('../models/demo', import.meta.url));
@@ -73,4 +73,25 @@ test('on the demo package: /imagine image: draws from an attachment', { timeout:
   assert.equal(request.strength, 0.5);
   assert.deepEqual([request.initImage?.width, request.initImage?.height], [h.info.defaults.width, h.info.defaults.height]);
   assert.equal(pngParameters(message.attachments[0].data).prompt, 'a red square on the left, white background');
+});
+
+test('on the demo package: /imagine mode:Fuse runs the training-free fuse ensemble of its three experts, with 🧩 and 🔍', { timeout: 180_000 }, async () => {
+  const fuse = h.info.ensembles.find((e) => e.method === 'fuse');
+  assert.ok(fuse, `the demo ships a fuse ensemble (ensembles: ${h.info.ensembles.map((e) => `${e.id} ${e.method}`).join(', ')})`);
+  assert.deepEqual(fuse.experts, ['curves', 'blocks', 'spikes']);
+  const user = h.fake.user('demo-fuser');
+  const prompt = 'a red circle on the left and a blue square on the right, white background';
+  // The first fuse job also opens the fuse graph's session: more than the default 20 s on a busy machine.
+  const message = await h.result(h.imagine(user, { prompt, mode: 'fuse', seed: 5, steps: 6, contributions: true }), 60_000);
+  const request = engine.requests.at(-1)!;
+  assert.deepEqual([request.mode, request.ensemble, request.contributions], ['fuse', fuse.id, true]);
+  const params = pngParameters(message.attachments[0].data);
+  assert.deepEqual([params.mode, params.ensemble], ['fuse', fuse.id]);
+  assert.ok(message.attachments[1]?.filename.includes('contributions'), 'the contribution panel is attached');
+  assert.match(embedField(message, 'Models') ?? '', new RegExp(`^${fuse.title.replace(/[()]/g, '\\$&')}: Curves \\+ Blocks \\+ Spikes`));
+
+  const compare = await h.result(h.fake.pressButton(message.id, button(message, 'Compare'), { user }), 60_000);
+  const labels = String(compare.embeds[0].description);
+  for (const title of ['Curves', 'Blocks', 'Spikes', fuse.title]) assert.ok(labels.includes(title), `compare shows ${title}: ${labels}`);
+  assert.deepEqual(engine.requests.slice(-4).map((r) => r.mode), ['single', 'single', 'single', 'fuse']);
 });
