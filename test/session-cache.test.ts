@@ -8,7 +8,7 @@ import { after, before, describe, test } from 'node:test';
 import { packageCacheDir } from '../src/engine/cache-dir.ts';
 import { ModelPackage } from '../src/engine/model-package.ts';
 import { GraphSession, type FloatTensor } from '../src/engine/onnx-session.ts';
-import { ENTRY_DATA, ENTRY_MODEL, openThroughCache } from '../src/engine/session-cache.ts';
+import { cacheKeyParts, ENTRY_DATA, ENTRY_MODEL, entryDir, openThroughCache } from '../src/engine/session-cache.ts';
 import { createSession, ortSessionOptions } from '../src/engine/onnx-session.ts';
 import { EngineError } from '../src/engine/api.ts';
 import { copyOfTiny } from './helpers/fixture.ts';
@@ -124,6 +124,22 @@ describe('optimized-graph cache', () => {
     } finally {
       await rm(own, { recursive: true, force: true });
     }
+  });
+
+  test('the key covers external-data files beside the graph, not other graphs or configs', async () => {
+    const graph = path.join(dir, 'experts/beta/unet/model.onnx');
+    const key = async () => entryDir(cache, await cacheKeyParts(graph, 'cpu', 'all'));
+    const first = await key();
+    await writeFile(path.join(dir, 'experts/beta/unet/config.json'), '{}');
+    await writeFile(path.join(dir, 'experts/beta/unet/model.fp16.onnx'), 'another graph');
+    assert.equal(await key(), first);
+    await writeFile(path.join(dir, 'experts/beta/unet/weights.onnx_data'), 'shared weights');
+    const second = await key();
+    assert.notEqual(second, first);
+    await writeFile(path.join(dir, 'experts/beta/unet/weights.onnx_data'), 'shared weights, changed');
+    assert.notEqual(await key(), second);
+    assert.equal(path.dirname(second), cache);
+    await rm(path.join(dir, 'experts/beta/unet/weights.onnx_data'));
   });
 
   test('ModelPackage keeps its graphs in the package cache folder on the CPU, only past the size threshold', async () => {

@@ -46,13 +46,15 @@ function hash(text: string, length: number): string {
 }
 
 /**
- * The graph file and its external-data files beside it (`model.onnx_data`, `model.onnx.data`, … :
- * names that start with the graph's), with their sizes and modification times.
+ * The graph file and the files beside it that may hold its external data (`model.onnx_data`,
+ * `weights.onnx_data` shared by several graphs, …: every file there but other graphs and JSON or text
+ * files), with their sizes and modification times. onnxruntime reads external data only from the
+ * graph's own folder, so a change to its weights changes one of these.
  */
 export async function graphFiles(graph: string): Promise<{ name: string; size: number; mtimeMs: number }[]> {
   const dir = path.dirname(graph);
   const base = path.basename(graph);
-  const names = (await readdir(dir)).filter((n) => n === base || n.startsWith(`${base}_`) || n.startsWith(`${base}.`)).sort();
+  const names = (await readdir(dir)).filter((n) => n === base || !/\.(onnx|json|txt|md)$/i.test(n)).sort();
   return Promise.all(
     names.map(async (name) => {
       const s = await stat(path.join(dir, name));
