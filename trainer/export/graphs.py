@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import onnx
 import torch
@@ -249,9 +249,12 @@ def export_unet(unet: UNet2DConditionModel, path: str, *, timestep_dtype: str = 
 def export_afa(ensemble: AFAEnsemble, path: str, *, subsets: bool = True, timestep_dtype: str = "float32",
                attention_mask: bool = False, fp16: bool = False, check: Check = "auto",
                tolerance: float = FP32_TOLERANCE, seed: int = 0, name: str = "afa",
-               compact: bool = False) -> GraphReport:
+               compact: bool = False, writer: Optional[Callable[..., GraphReport]] = None) -> GraphReport:
     """One fused graph: sample, timestep [B], encoder_hidden_states [N,B,77,D], expert_mask float32 [N]
     (only when subsets) -> out_sample [B,C,h,w], contributions [B,N,h,w].
+
+    writer(name, path, module, args, input_names, output_names, axes, check_feeds) replaces the
+    export and its checks (trainer.export.large_graph: experts too big to export in memory).
 
     `ensemble` is an AFAEnsemble (trained SABW aggregators) or a trainer.models.fusion.FusionEnsemble (the
     training-free variance rule, method "fuse"): both graphs have the same inputs and outputs."""
@@ -290,10 +293,12 @@ def export_afa(ensemble: AFAEnsemble, path: str, *, subsets: bool = True, timest
     if "class_labels" in names:
         axes["class_labels"] = {1: "batch"}
     output_names = ["out_sample", "contributions"]
-    torch_export(module, tuple(example.values()), path, names, output_names, axes)
     odd = (max(2, size - 2) | 1, max(2, size // 2 + 1))
     checks = [feeds(2, odd[0], odd[1], [981.0, 1.0], full)]
     if subsets:
         partial = [0.0] + [1.0] * (n - 1)
         checks.append(feeds(2, size, size, [500.0, 21.0], partial))
+    if writer is not None:
+        return writer(name, path, module, tuple(example.values()), names, output_names, axes, checks)
+    torch_export(module, tuple(example.values()), path, names, output_names, axes)
     return _finish(name, path, module, checks, output_names, fp16, check, tolerance, compact)
