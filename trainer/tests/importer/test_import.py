@@ -303,3 +303,31 @@ def test_cuda_fp16_variants_are_named_in_the_manifest(checkpoints, tmp_path):
     assert manifest["text_encoder"]["fp16"] == "text_encoder/model.fp16.onnx"
     assert (out / "experts" / "alpha" / "unet" / "model.fp16.onnx").is_file()
     assert load_expert_unet(str(out), "alpha") is not None
+
+
+def test_one_unet_at_a_time(checkpoints, tmp_path, monkeypatch):
+    """Memory: when an expert's U-Net is exported, the previous experts' U-Nets and the VAE are gone."""
+    import gc
+    import weakref
+
+    _, paths = checkpoints
+    unets, vaes = [], []
+    real_export, real_vae = importer_package.export_unet, importer_package.vae_from_state_dict
+
+    def export_unet(unet, path, **kwargs):
+        gc.collect()
+        assert [r() for r in unets] == [None] * len(unets), "an earlier U-Net is still in memory"
+        assert [r() for r in vaes] == [None], "the VAE is still in memory"
+        unets.append(weakref.ref(unet))
+        return real_export(unet, path, **kwargs)
+
+    def vae_from_state_dict(*args):
+        vae = real_vae(*args)
+        vaes.append(weakref.ref(vae))
+        return vae
+
+    monkeypatch.setattr(importer_package, "vae_from_state_dict", vae_from_state_dict)
+    monkeypatch.setattr(importer_package, "export_unet", export_unet)
+    inputs = [paths[n] for n in ("alpha.safetensors", "beta_fp32.safetensors", "gamma-pruned-emaonly.safetensors")]
+    import_checkpoints(ImportOptions(out=str(tmp_path / "p"), inputs=inputs, size=32, check=False), log=lambda l: None)
+    assert len(unets) == 3
