@@ -16,6 +16,8 @@ from trainer.export.graphs import (GraphReport, export_afa, export_text_encoder,
                                    export_vae_encoder, text_dim)
 from trainer.export.manifest import FORMAT, FORMAT_VERSION, write_manifest
 from trainer.export.parity import Check
+from trainer.export.shared_weights import DATA_NAME
+from trainer.export.shared_weights import share_weights as share_graph_weights
 from trainer.models.afa import AFAEnsemble
 from trainer.models.fusion import FusionEnsemble
 from trainer.models.text_encoder import CLIPTextEncoder
@@ -80,7 +82,7 @@ def save_package(out_dir: str, tokenizer_dir: str, text_encoder: CLIPTextEncoder
                  scheduler_config: Mapping[str, Any], manifest_fields: Mapping[str, Any], *,
                  fp16: bool = False, timestep_int64: Iterable[str] = (), attention_mask: bool = False,
                  check: Check = "auto", compact: bool = False, vae_encoder: bool = True,
-                 log=print) -> PackageResult:
+                 share_weights: bool = False, log=print) -> PackageResult:
     """Exports everything into out_dir and writes a validated manifest.json.
 
     manifest_fields: name (required), version, description, defaults (required), size, limits,
@@ -88,6 +90,9 @@ def save_package(out_dir: str, tokenizer_dir: str, text_encoder: CLIPTextEncoder
     timestep_int64: ids of experts (or ensembles) whose graph takes timestep int64 [B].
     compact: short intermediate value names (see compact_names), for small graphs.
     vae_encoder: also export the VAE's encoder (vae_encoder/model.onnx), which image-to-image needs.
+    share_weights: an ensemble over the same experts (same order) as an earlier one goes into that one's
+    folder as `<id>.onnx`, and the folder's graphs read one external data file holding each weight once
+    (trainer.export.shared_weights), e.g. an AFA and a fuse graph over the same experts.
     """
     int64_ids = set(timestep_int64)
     fields = dict(manifest_fields)
@@ -148,6 +153,9 @@ def save_package(out_dir: str, tokenizer_dir: str, text_encoder: CLIPTextEncoder
             raise ExportError(f"ensemble {ens_id!r} has {spec.ensemble.num_experts} U-Nets but names "
                               f"{len(spec.experts)} experts")
         rel = f"ensembles/{ens_id}/model.onnx"
+        partner = next((e for e in ensemble_entries if e["experts"] == list(spec.experts)), None)
+        if share_weights and partner is not None:
+            rel = f"{os.path.dirname(partner['graph'])}/{ens_id}.onnx"
         method = ensemble_method(spec.ensemble)
         record(export_afa(spec.ensemble, os.path.join(out_dir, rel), subsets=spec.subsets, name=f"{method} {ens_id}",
                           timestep_dtype="int64" if ens_id in int64_ids else "float32",
@@ -159,6 +167,15 @@ def save_package(out_dir: str, tokenizer_dir: str, text_encoder: CLIPTextEncoder
                  "experts": list(spec.experts), "graph": rel, "subsets": spec.subsets}
         entry.update(extra)
         ensemble_entries.append(entry)
+    folders: Dict[str, List[str]] = {}
+    for entry in ensemble_entries:
+        folders.setdefault(os.path.dirname(entry["graph"]), []).append(os.path.join(out_dir, entry["graph"]))
+    for folder, paths in folders.items():
+        if len(paths) > 1:
+            stats = share_graph_weights(paths, paths)
+            if log:
+                log(f"{folder}: {len(paths)} graphs share {DATA_NAME} ({stats['unique']} distinct of "
+                    f"{stats['tensors']} tensors, {stats['bytes'] / 1e6:.2f} MB)")
 
     manifest: Dict[str, Any] = {
         "format": FORMAT,

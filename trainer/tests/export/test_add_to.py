@@ -255,3 +255,26 @@ def test_experts_listed_in_sources_json_are_loaded_from_their_files(made, packag
     shutil.rmtree(str(tmp_path / "other"))
     with pytest.raises(ExportError, match="sources.json names .*other, which is missing"):
         add_to.add_fuse(package, ["a", "b"], ens_id="ab2", check=False, log=None)
+
+
+def test_save_package_can_share_weights_between_ensembles_over_the_same_experts(made, tmp_path):
+    from trainer.text.bpe import CLIPTokenizer  # noqa: F401  (the tokenizer folder of the made package)
+
+    experts = {k: made["experts"][k] for k in ("a", "b")}
+    fusion = FusionEnsemble(list(experts.values()), temperature=0.5)
+    out = str(tmp_path / "pkg")
+    fields = {"name": "shared", "defaults": {"steps": 4, "guidance": 3.0, "scheduler": "ddim", "width": 16,
+                                             "height": 16}, "size": {"min": 8, "max": 32}}
+    text_encoder = CLIPTextEncoder(TextEncoderConfig.tiny(vocab_size=520, hidden_size=D, eos_token_id=519,
+                                                          pad_token_id=519))
+    vae = AutoencoderKL(VAEConfig.tiny(block_out_channels=(8, 16), norm_num_groups=4))
+    result = save_package(out, str(made["root"] / "tok"), text_encoder, vae, experts,
+                          {"duo": EnsembleSpec(made["duo"], ["a", "b"]), "fuse": EnsembleSpec(fusion, ["a", "b"])},
+                          {"num_train_timesteps": 1000}, fields, fp16=True, check=False, vae_encoder=False,
+                          share_weights=True, log=None)
+    graphs = {e["id"]: (e["method"], e["graph"]) for e in result.manifest["ensembles"]}
+    assert graphs == {"duo": ("afa", "ensembles/duo/model.onnx"), "fuse": ("fuse", "ensembles/duo/fuse.onnx")}
+    assert sorted(os.listdir(os.path.join(out, "ensembles"))) == ["duo"]
+    afa, fuse = (external_places(os.path.join(out, "ensembles", "duo", f)) for f in ("model.onnx", "fuse.onnx"))
+    assert len(fuse) >= 10 and fuse <= afa
+    validate_manifest(result.manifest, out)
