@@ -54,11 +54,11 @@ def parse_graph_kinds(text: str) -> Tuple[str, ...]:
     return tuple(dict.fromkeys(kinds))
 
 
-def write_fp16_variant(src: str, dst: str) -> Fp16Report:
+def write_fp16_variant(src: str, dst: str, attention_softmax: str = "fp32") -> Fp16Report:
     """Reads the float32-compute graph `src` (with its external data) and writes its float16-compute
     version to `dst`, checked by onnx.checker."""
     model = onnx.load(src)
-    model16, report = to_fp16_compute(model)
+    model16, report = to_fp16_compute(model, attention_softmax=attention_softmax)
     del model
     stale = dst + "_data"
     if os.path.exists(stale):
@@ -90,7 +90,8 @@ def _refs(manifest: MutableMapping[str, Any], kinds: Sequence[str]) -> Iterator[
 
 
 def add_fp16_variants(package_dir: str, kinds: Sequence[str] = GRAPH_KINDS, *, force: bool = False,
-                      paths: Optional[Set[str]] = None, log=print) -> Dict[str, Fp16Report]:
+                      paths: Optional[Set[str]] = None, attention_softmax: str = "fp32",
+                      log=print) -> Dict[str, Fp16Report]:
     """Writes the float16-compute variant of each chosen graph and rewrites manifest.json; returns
     {float32 graph path: report} for the graphs converted. A graph named twice is converted once.
     paths: only the references to these float32 graphs (as the manifest spells them)."""
@@ -119,7 +120,7 @@ def add_fp16_variants(package_dir: str, kinds: Sequence[str] = GRAPH_KINDS, *, f
                 raise ExportError(f"{what}: {full} is missing")
             dst = fp16_path(src)
             started = time.perf_counter()
-            report = write_fp16_variant(full, os.path.join(package_dir, dst))
+            report = write_fp16_variant(full, os.path.join(package_dir, dst), attention_softmax)
             done[src] = (dst, report)
             if log:
                 log(f"{what}: {dst} ({time.perf_counter() - started:.1f} s): {report.summary()}")
@@ -137,13 +138,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--package", required=True, help="the package folder (e.g. models/demo)")
     parser.add_argument("--graphs", default="all", help=f"all, or a comma list of: {', '.join(GRAPH_KINDS)}")
     parser.add_argument("--force", action="store_true", help="rewrite fp16 variants that exist already")
+    parser.add_argument("--attention-softmax", choices=("fp32", "fp16"), default="fp32",
+                        help="precision of the attention softmax (default fp32; the SABW softmax stays fp32)")
     args = parser.parse_args(argv)
     try:
         kinds = parse_graph_kinds(args.graphs)
     except ValueError as e:
         parser.error(str(e))
     try:
-        reports = add_fp16_variants(args.package, kinds, force=args.force)
+        reports = add_fp16_variants(args.package, kinds, force=args.force, attention_softmax=args.attention_softmax)
     except (ExportError, ManifestError) as e:
         print(f"fp16 variants failed: {e}", file=sys.stderr)
         return 1

@@ -174,8 +174,33 @@ def _reads_float(op: str, index: int) -> bool:
     return op not in ANY_INPUT_OPS and index not in FIXED_INPUTS.get(op, ())
 
 
-def plan_precisions(model: onnx.ModelProto, types: Mapping[str, int]) -> List[str]:
-    """'fp32' or 'fp16' for each node of the main graph."""
+def _is_attention_softmax(k: int, nodes: Sequence[onnx.NodeProto], producer: Mapping[str, int]) -> bool:
+    """A Softmax over the last axis of scores made by a MatMul (through scaling, masking, reshapes)."""
+    n = nodes[k]
+    axis = next((a.i for a in n.attribute if a.name == "axis"), -1)
+    if axis != -1:
+        return False
+    name = n.input[0]
+    for _ in range(5):
+        p = producer.get(name)
+        if p is None:
+            return False
+        if nodes[p].op_type == "MatMul":
+            return True
+        if nodes[p].op_type not in ("Mul", "Add", "Div", "Sub", "Where", "Reshape", "Cast", "Identity"):
+            return False
+        # follow the input that is computed, not the constant (Where: the scores are input 1 or 2)
+        candidates = [x for x in nodes[p].input[1 if nodes[p].op_type == "Where" else 0:] if x in producer
+                      and nodes[producer[x]].op_type not in ("Constant", "ConstantOfShape", "Shape")]
+        if not candidates:
+            return False
+        name = candidates[0]
+    return False
+
+
+def plan_precisions(model: onnx.ModelProto, types: Mapping[str, int], attention_softmax: str = "fp32") -> List[str]:
+    """'fp32' or 'fp16' for each node of the main graph. attention_softmax="fp16" leaves the attention
+    Softmax (over the last axis of a MatMul's scores) in float16; the SABW softmax stays float32."""
     nodes = list(model.graph.node)
     producer: Dict[str, int] = {o: k for k, n in enumerate(nodes) for o in n.output if o}
     consumers: Dict[str, List[Tuple[int, int]]] = {}
@@ -185,6 +210,12 @@ def plan_precisions(model: onnx.ModelProto, types: Mapping[str, int]) -> List[st
                 consumers.setdefault(name, []).append((k, i))
     graph_outputs = {o.name for o in model.graph.output}
     fp32 = [n.op_type in FP32_OPS or n.op_type in CONTROL_FLOW_OPS for n in nodes]
+    if attention_softmax not in ("fp32", "fp16"):
+        raise ValueError(f"attention_softmax must be fp32 or fp16, got {attention_softmax!r}")
+    if attention_softmax == "fp16":
+        for k, n in enumerate(nodes):
+            if n.op_type == "Softmax" and _is_attention_softmax(k, nodes, producer):
+                fp32[k] = False
 
     # the timestep embedding: every node that the arguments of Sin / Cos are computed from
     stack = [k for k, n in enumerate(nodes) if n.op_type in EMBEDDING_ROOTS]
@@ -255,12 +286,14 @@ def _tensor_fp16(t: TensorProto, report: Fp16Report) -> TensorProto:
     return numpy_helper.from_array(_to_fp16_array(numpy_helper.to_array(t), report), t.name)
 
 
-def to_fp16_compute(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Fp16Report]:
+def to_fp16_compute(model: onnx.ModelProto, *, attention_softmax: str = "fp32") -> Tuple[onnx.ModelProto, Fp16Report]:
     """The float16-compute version of a float32-compute graph (the input model is not changed).
-    The weights of a graph with external data must be loaded (onnx.load does that by default)."""
+    The weights of a graph with external data must be loaded (onnx.load does that by default).
+    attention_softmax="fp16": the attention Softmax computes in float16 too (onnxruntime's CUDA kernel
+    accumulates in float32; at 64² latents the casts around a float32 one move 16·4096² values twice)."""
     report = Fp16Report()
     types = value_types(model)
-    modes = plan_precisions(model, types)
+    modes = plan_precisions(model, types, attention_softmax)
     src = model.graph
     out = onnx.ModelProto()
     # copy everything but the graph's nodes, initializers and value_info

@@ -311,3 +311,25 @@ def test_the_export_commands_take_cuda_fp16(package):
     assert os.path.isfile(os.path.join(package, graphs["f2"]["fp16"]))
     assert all(isinstance(graphs[k], str) for k in graphs if k != "f2")  # the other ensembles untouched
     assert all(isinstance(e["unet"], str) for e in manifest["experts"])
+
+
+def test_attention_softmax_in_float16_leaves_the_sabw_softmax_in_float32(converted, tmp_path):
+    """--attention-softmax fp16: the Softmax over a MatMul's scores computes in float16, the SABW
+    weights' Softmax (over the experts axis, of a Conv's logits) stays float32; numbers still close."""
+    model, default16, _ = converted["ensembles/duo"]
+    model16, _ = to_fp16_compute(model, attention_softmax="fp16")
+    onnx.checker.check_model(model16, full_check=True)
+    _, types = _node_input_types(model16)
+    softmaxes = [n for n in model16.graph.node if n.op_type == "Softmax"]
+    half = [n for n in softmaxes if types[n.input[0]] == FLOAT16]
+    whole = [n for n in softmaxes if types[n.input[0]] == FLOAT]
+    axes = {n.name: next((a.i for a in n.attribute if a.name == "axis"), -1) for n in softmaxes}
+    assert half and whole and all(axes[n.name] == -1 for n in half) and all(axes[n.name] == 1 for n in whole)
+    assert len(whole) == sum(1 for n in default16.graph.node if n.op_type == "Softmax") - len(half)
+    with pytest.raises(ValueError):
+        to_fp16_compute(model, attention_softmax="bf16")
+    ort_check.skip_unless_available()
+    feeds = GRAPHS["ensembles/duo"]()
+    onnx.save(emulate_fp16(model16), str(tmp_path / "emulated.onnx"))
+    _compare(ort_check.run_onnx(os.path.join(TINY, "ensembles/duo/model.onnx"), feeds),
+             ort_check.run_onnx(str(tmp_path / "emulated.onnx"), feeds), "duo, attention softmax fp16")
