@@ -9,6 +9,7 @@ import path from 'node:path';
 import { parseArgs } from 'node:util';
 import type { GenerateRequest, Mode } from '../src/engine/api.ts';
 import { Engine } from '../src/engine/pipeline.ts';
+import { median, pythonCommand, torchUnavailable } from './helpers.ts';
 
 const { values } = parseArgs({
   options: {
@@ -26,10 +27,6 @@ const rounds = Number(values.rounds);
 const steps = Number(values.steps);
 const log = (s: string) => process.stderr.write(s + '\n');
 
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-};
 
 const engine = await Engine.load(modelDir, { executionProvider: (process.env.EXECUTION_PROVIDER as 'cpu' | 'cuda') ?? 'cpu' });
 const info = engine.info();
@@ -73,10 +70,10 @@ await engine.dispose();
 let torchOverEngine: number | null = null;
 const torchScript = path.resolve('trainer/fixture/bench_reference.py');
 const tinyDir = path.resolve('test/fixtures/tiny');
-// Debian's python3 (or PYTHON), as the trainer's tests use: a pyenv/venv python3 first on PATH has no torch
-const py = process.env.PYTHON || '/usr/bin/python3';
-if (spawnSync(py, ['-c', 'import torch'], { stdio: 'ignore' }).status !== 0) {
-  log(`torch reference not measured: ${py} cannot import torch (bash scripts/prerequisites.sh installs it, or set PYTHON)`);
+const py = pythonCommand();
+const noTorch = torchUnavailable(py);
+if (noTorch) {
+  log(`torch reference not measured: ${noTorch}`);
 } else {
   const run = spawnSync(py, [torchScript, '--model-dir', tinyDir, '--steps', String(steps), '--rounds', String(rounds)], {
     encoding: 'utf8',
