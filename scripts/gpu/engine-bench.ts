@@ -1,7 +1,7 @@
 // The engine's half of the prepared GPU run (scripts/gpu/measure.sh, docs/gpu.md): loads a package on
 // an execution provider and times whole pictures per mode, as a user's request runs them.
 //
-//   node engine-bench.mjs --model-dir PKG [--provider cuda|cpu] [--modes single,afa] [--rounds 3] [--json FILE]
+//   node engine-bench.mjs --model-dir PKG [--provider cuda|cpu] [--modes single,afa,single_att] [--rounds 3] [--json FILE]
 //
 // Bundled into one file by scripts/gpu/pack.sh (onnxruntime-node stays external), so that the GPU
 // machine needs only node and onnxruntime-node. Per mode: the first picture (CUDA: cuDNN's algorithm
@@ -16,7 +16,7 @@ const { values } = parseArgs({
   options: {
     'model-dir': { type: 'string' },
     provider: { type: 'string', default: 'cuda' },
-    modes: { type: 'string', default: 'single,afa' },
+    modes: { type: 'string', default: 'single,afa,single_att' },
     rounds: { type: 'string', default: '3' },
     json: { type: 'string' },
   },
@@ -39,11 +39,14 @@ log(`${info.name} on ${provider}: load ${loadMs.toFixed(0)} ms, warm-up (every g
 const requests: Record<string, Omit<GenerateRequest, 'seed'>> = {
   single: { prompt, mode: 'single' as Mode, experts: [info.experts[0].id] },
   afa: { prompt, mode: 'afa' as Mode, ensemble: info.ensembles[0]?.id },
+  // expert e0att (scripts/gpu/measure.py build): e0 with the attention softmax in float16 as well
+  single_att: { prompt, mode: 'single' as Mode, experts: ['e0att'] },
 };
 const modes: Record<string, unknown> = {};
 for (const mode of values.modes.split(',')) {
   const request = requests[mode];
-  if (!request) throw new Error(`engine-bench: unknown mode ${mode} (single, afa)`);
+  if (!request) throw new Error(`engine-bench: unknown mode ${mode} (single, afa, single_att)`);
+  if (mode === 'single_att' && !info.experts.some((e) => e.id === 'e0att')) continue;
   const first = performance.now();
   const warm = await engine.generate({ ...request, seed: 1 });
   const firstMs = performance.now() - first;

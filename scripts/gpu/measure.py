@@ -15,6 +15,7 @@ Run from the repository root with PYTHONPATH=. (measure.sh does).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -67,7 +68,7 @@ def models(preset: str):
 def build(args) -> int:
     """Exports graph by graph (each to a temporary name, then renamed), skipping graphs already there,
     so that a call cut off by its time limit is resumed by the next one."""
-    from trainer.export.fp16_compute import add_fp16_variants
+    from trainer.export.fp16_compute import add_fp16_variants, write_fp16_variant
     from trainer.export.graphs import export_afa, export_text_encoder, export_unet, export_vae_decoder
     from trainer.export.manifest import write_manifest
     from trainer.export.package import architecture_tag
@@ -128,6 +129,17 @@ def build(args) -> int:
     write_manifest(args.out, manifest)
     t = time.perf_counter()
     add_fp16_variants(args.out, log=log)
+    # expert e0att: e0's U-Net with the attention softmax in float16 too (trainer.export.fp16_compute
+    # --attention-softmax fp16), to see what the float32 attention softmax costs
+    att = "experts/e0/unet/model.fp16att.onnx"
+    if not os.path.isfile(os.path.join(args.out, att)):
+        write_fp16_variant(os.path.join(args.out, graphs["unet"][0]), os.path.join(args.out, att), "fp16")
+    manifest["experts"].append({"id": "e0att", "title": "E0 (fp16 attention softmax)", "description": "",
+                                "unet": {"fp32": graphs["unet"][0], "fp16": att}, "architecture": tag})
+    with open(os.path.join(args.out, "manifest.json"), encoding="utf-8") as f:
+        written = json.load(f)
+    written["experts"].append(manifest["experts"][-1])
+    write_manifest(args.out, written)
     timings["fp16_variants_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - started
     sizes = {}
@@ -167,8 +179,10 @@ def reference(args) -> int:
     def denoiser(net, stacked):
         def run(x, t, c):
             out = net(x.to(device, dtype), t.to(device), c)
-            if isinstance(out, tuple):
-                return out[0].float().cpu(), out[1].float().cpu()
+            if isinstance(out, tuple):  # AFA: (prediction, the weights of every aggregation point)
+                maps = out[1]
+                maps = [m.float().cpu() for m in maps] if isinstance(maps, (list, tuple)) else maps.float().cpu()
+                return out[0].float().cpu(), maps
             return out.float().cpu()
         return run
 
@@ -229,11 +243,13 @@ def train(args) -> int:
     out: Dict[str, Any] = {"batch": batch, "latent": [4, h, h], "experts": EXPERTS,
                            "trainable_parameters": sum(t.numel() for t in ensemble.aggregator_parameters())}
     for precision in args.precisions.split(","):
-        use_bf16 = precision == "bf16" and device.type == "cuda"
+        if precision == "bf16" and device.type != "cuda":
+            continue  # bf16 autocast is the CUDA recipe's (TrainOptions.amp_bf16)
+        use_bf16 = precision == "bf16"
 
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext():
                 loss, _ = objective.loss(x, captions, generator)
             loss.backward()
             optimizer.step()
@@ -304,11 +320,16 @@ def report(args) -> int:
                      f"{'—' if value is None else f'{value:.3g}'} | {met} |")
     lines += ["", "| mode | engine total ms | denoise ms | ms/step | decode ms | first ms | PyTorch total ms |",
               "|---|---|---|---|---|---|---|"]
-    for mode in ("single", "afa"):
+    if "single" in em and "single_att" in em:
+        figures["attention_softmax_fp16_speedup"] = em["single"]["total_ms"] / em["single_att"]["total_ms"]
+    for mode in ("single", "single_att", "afa"):
         e, t = em.get(mode), tm.get(mode, {})
         if e:
             lines.append(f"| {mode} | {e['total_ms']:.0f} | {e['denoise_ms']:.0f} | {e['step_ms']:.1f} | "
                          f"{e['decode_ms']:.0f} | {e['first_ms']:.0f} | {t.get('total_ms', float('nan')):.0f} |")
+    if "attention_softmax_fp16_speedup" in figures:
+        lines.append(f"\nSingle expert with the attention softmax in float16 too (e0att): "
+                     f"{figures['attention_softmax_fp16_speedup']:.2f}× the speed of the default fp16 graph")
     if engine:
         lines.append(f"\nEngine load {engine['load_ms'] / 1e3:.1f} s + warm-up of every graph "
                      f"{engine['warm_up_ms'] / 1e3:.1f} s; RSS peak {engine['rss_peak_bytes'] / 2**30:.1f} GiB"

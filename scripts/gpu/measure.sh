@@ -6,6 +6,9 @@
 #   bash scripts/gpu/measure.sh --cpu --tiny       the same script end to end on a CPU with tiny models
 #                                                  (the dry run, here; stage the pieces locally first)
 #   … --phases build,engine,torch,train            a subset (build is reused while /tmp survives)
+#   … --background                                 the build alone, detached (scripts/gpu/stage.sh starts
+#                                                  it with setsid during the staging calls); a later
+#                                                  measure.sh waits for it and reuses what it built
 #
 # Phases: env (versions, GPU, what the CUDA provider links and whether it is found), build (random
 # SD1.5-architecture models exported by trainer.export, fp16-compute variants by
@@ -25,14 +28,17 @@ BUDGET_S=${MEASURE_BUDGET_S:-540}
 PROVIDER=cuda
 PRESET=sd15
 PHASES=env,build,engine,torch,train
+BACKGROUND=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu) PROVIDER=cpu; shift ;;
     --tiny) PRESET=tiny; shift ;;
     --phases) PHASES=$2; shift 2 ;;
-    *) echo "measure.sh: unknown argument $1 (--cpu, --tiny, --phases a,b)" >&2; exit 2 ;;
+    --background) BACKGROUND=1; PHASES=build; shift ;;
+    *) echo "measure.sh: unknown argument $1 (--cpu, --tiny, --phases a,b, --background)" >&2; exit 2 ;;
   esac
 done
+[ "$BACKGROUND" = 1 ] && OUT=$WORK/background-out
 mkdir -p "$OUT" "$WORK"
 exec > >(tee -a "$OUT/measure.log") 2>&1
 START=$(date +%s)
@@ -51,8 +57,11 @@ phase() {
     return 0
   fi
   say "phase $name (at most $left s)"
-  if ! timeout --signal=TERM --kill-after=10 "$left" "$@"; then
-    say "phase $name FAILED or ran out of time (exit $?)"
+  # a phase is a function of this script or a command; `bash -c` lets timeout run either
+  timeout --signal=TERM --kill-after=10 "$left" bash -c "$(printf '%q ' "$@")"
+  local rc=$?
+  if [ "$rc" -ne 0 ]; then
+    say "phase $name FAILED (exit $rc$([ "$rc" -eq 124 ] && echo ': out of time'))"
     SKIPPED+=("$name(failed)")
   fi
 }
@@ -76,15 +85,18 @@ EOF
 )
 [ -n "$NV_LIBS" ] && export LD_LIBRARY_PATH=$NV_LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 
-if [ ! -x "$NODE" ] || [ ! -d "$ORT_DIR" ]; then
+if [ "$BACKGROUND" = 1 ]; then
+  :  # the build needs neither node nor the bundle's engine
+elif [ ! -x "$NODE" ] || [ ! -d "$ORT_DIR" ]; then
   say "ERROR: $STAGE/root has no node and onnxruntime-node: run scripts/gpu/stage.sh 1 … N first (docs/gpu.md)"
   exit 2
 fi
-if [ ! -f "$BUNDLE/engine-bench.mjs" ]; then
+if [ "$BACKGROUND" = 0 ] && [ ! -f "$BUNDLE/engine-bench.mjs" ]; then
   say "ERROR: $BUNDLE/engine-bench.mjs is missing: run scripts/gpu/pack.sh here and carry $BUNDLE"
   exit 2
 fi
-cp "$BUNDLE/engine-bench.mjs" "$STAGE/root/engine-bench.mjs"  # resolves onnxruntime-node from $STAGE/root/node_modules
+# resolves onnxruntime-node from $STAGE/root/node_modules
+[ "$BACKGROUND" = 0 ] && cp "$BUNDLE/engine-bench.mjs" "$STAGE/root/engine-bench.mjs"
 
 env_report() {
   {
@@ -111,6 +123,13 @@ env_report() {
 
 PKG=$WORK/pkg-$PRESET
 build() {
+  local pid
+  pid=$(cat "$WORK/build-$PRESET.pid" 2>/dev/null)
+  if [ "$BACKGROUND" = 0 ] && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    say "waiting for the background build (pid $pid, started by stage.sh; log in $WORK/background-out/measure.log)"
+    while kill -0 "$pid" 2>/dev/null; do sleep 2; done
+    tail -n 20 "$WORK/background-out/measure.log"
+  fi
   if [ -f "$PKG/manifest.json" ] && [ -f "$WORK/build-$PRESET.json" ]; then
     say "reusing $PKG (built earlier on this machine)"
     cp "$WORK/build-$PRESET.json" "$OUT/build.json"
@@ -138,8 +157,16 @@ engine() {
 }
 
 [ "$PROVIDER" = cpu ] && export CUDA_VISIBLE_DEVICES=""  # the dry run: torch on the CPU too
+export ROOT OUT STAGE WORK BUNDLE PROVIDER PRESET PY NODE ORT_DIR PKG START BACKGROUND
+export -f say elapsed env_report build engine
 ROUNDS=3
 [ "$PRESET" = tiny ] && ROUNDS=2
+if [ "$BACKGROUND" = 1 ]; then
+  echo $$ >"$WORK/build-$PRESET.pid"
+  phase build 60 build
+  rm -f "$WORK/build-$PRESET.pid"
+  exit 0
+fi
 phase env 5 env_report
 phase build 240 build
 phase engine 90 engine

@@ -6,7 +6,10 @@
 # Appends piece N to $GPU_STAGE (default /tmp/gpu-stage; kept while the machine stays warm) and, once
 # every piece is there and its checksum matches, unpacks node, onnxruntime-node 1.29.0 and the CUDA
 # provider libraries into $GPU_STAGE/root (root/node, root/node_modules/onnxruntime-node/…). Repeating
-# a piece is harmless; a missing or damaged one is named.
+# a piece is harmless; a missing or damaged one is named. The first call also starts the model build
+# (scripts/gpu/measure.sh --background, detached with setsid: the machine keeps it running between
+# calls), so that it runs while the pieces arrive; GPU_BUILD=0 does not start it, GPU_PRESET=tiny
+# builds the tiny models (the dry run).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 CARRY=${GPU_CARRY_DIR:-out/gpu-carry}
@@ -17,6 +20,16 @@ piece=$CARRY/piece-$n
 [ -d "$piece" ] || { echo "stage.sh: $piece is not here: carry it in this call (carry=[\"$piece\"])" >&2; exit 2; }
 mkdir -p "$STAGE/parts"
 cp "$piece"/stage.tar.xz.part-* "$piece/SHA256SUMS" "$piece/COUNT" "$STAGE/parts/"
+work=${GPU_WORK:-/tmp/gpu-measure}
+preset=${GPU_PRESET:-sd15}
+if [ "${GPU_BUILD:-1}" != 0 ] && [ ! -f "$work/pkg-$preset/manifest.json" ] &&
+   ! { [ -f "$work/build-$preset.pid" ] && kill -0 "$(cat "$work/build-$preset.pid")" 2>/dev/null; }; then
+  mkdir -p "$work"
+  flags=()
+  [ "$preset" = tiny ] && flags=(--cpu --tiny)
+  setsid nohup bash scripts/gpu/measure.sh --background "${flags[@]}" >"$work/background.log" 2>&1 </dev/null &
+  echo "stage.sh: started the model build in the background (log: $work/background-out/measure.log)"
+fi
 count=$(cat "$STAGE/parts/COUNT")
 cd "$STAGE/parts"
 grep "stage.tar.xz.part-$n\$" SHA256SUMS | sha256sum -c --quiet - || { echo "stage.sh: piece $n is damaged" >&2; rm -f "stage.tar.xz.part-$n"; exit 1; }
