@@ -4,16 +4,18 @@
 //     (trainer.fixture.sd15_checkpoints: U-Net, CLIP ViT-L/14 text encoder, VAE; fp16; one seed per
 //     expert; the last of three has its own CLIP);
 //  2. imports them with `npm run import` (cached: redone when a checkpoint is newer than the package);
-//  3. adds a 3-expert AFA ensemble with a random-initialised aggregator (hidden 128, depth 2) through
-//     trainer.export.large_graph, which holds one expert's weights at a time (trainer.fixture.sd15_bench);
-//  4. measures each mode in a fresh process (bench/sd15-mode.ts) — single (each expert, then the first
-//     again with the optimized-graph cache warm), average, merge (twice: building, then cached), afa —
-//     and the PyTorch fp32 U-Net on the same weights and thread count;
+//  3. measures each mode in a fresh process (bench/sd15-mode.ts) — single (each expert, then the first
+//     again with the optimized-graph cache warm), average, merge (twice: building, then cached) — and
+//     the PyTorch fp32 U-Net on the same weights and thread count;
+//  4. adds a 3-expert AFA ensemble with a random-initialised aggregator (hidden 128, depth 2) through
+//     trainer.export.large_graph, which holds one expert's weights at a time (trainer.fixture.sd15_bench),
+//     and measures afa (twice);
 //  5. prints load s, ms per guided step, peak RSS and file sizes per mode, afa_over_singles and
 //     torch_over_engine against their targets, and (with --json) one JSON line at the end.
 // Everything lives in $SD15_BENCH_DIR (default ~/.cache/ensemble-diffusion/sd15-bench), the engine's
-// derived graphs in its engine-cache/ (--cold empties it first). Expect tens of minutes and ~12 GB of RAM.
-import { existsSync, readFileSync, rmSync, statSync } from 'node:fs';
+// derived graphs in its engine-cache/ (--cold empties it first); each result is appended to progress.jsonl
+// there as it comes. Expect tens of minutes and ~12 GB of RAM.
+import { appendFileSync, existsSync, readFileSync, rmSync, statSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
@@ -94,24 +96,14 @@ if (!upToDate()) {
   log(`package: ${packageDir} (cached)`);
 }
 
-// 3. The AFA ensemble (large_graph: one expert's weights at a time)
 type ManifestJson = { experts: { id: string }[]; ensembles?: { id: string; graph: string | Record<string, string> }[] };
 const readManifest = () => JSON.parse(readFileSync(manifestPath, 'utf8')) as ManifestJson;
-const ensembleId = `afa${nExperts}`;
-let afaExport: { seconds: number; peak_rss_mb: number | null; bytes: number } | null = null;
-const hasAfa = () => (readManifest().ensembles ?? []).some((e) => e.id === ensembleId && typeof e.graph === 'string' && existsSync(path.join(packageDir, e.graph)));
-if (modes.has('afa') && (importRun !== null || !hasAfa())) {
-  log(`exporting the AFA ensemble ${ensembleId} (hidden ${values.hidden}, depth ${values.depth}) …`);
-  const args = ['-m', 'trainer.fixture.sd15_bench', 'add-afa', '--package', packageDir, '--id', ensembleId, '--hidden', values.hidden!, '--depth', values.depth!];
-  if (values['afa-fp16']) args.push('--fp16');
-  const run = await runMeasured(py, args, { env: pyEnv, nice: 10, echo, cwd: REPO });
-  const out = lastJsonLine<{ bytes: number; seconds: number }>(run, 'the AFA export');
-  afaExport = { seconds: run.seconds, peak_rss_mb: run.peakRssMb, bytes: out.bytes };
-  log(`AFA graph: ${f(mb(out.bytes), 0)} MB in ${f(run.seconds)} s, peak RSS ${f(run.peakRssMb, 0)} MB`);
-}
 const ids = readManifest().experts.map((e) => e.id).slice(0, nExperts);
+// every child's result as it comes, so that an interrupted run keeps what it measured
+const progress = path.join(root, 'progress.jsonl');
+appendFileSync(progress, JSON.stringify({ started: new Date().toISOString(), config, size, steps, threads, import: importRun }) + '\n');
 
-// 4. Each mode in its own process
+// 3. Each mode in its own process (the AFA ensemble's after its export, the slowest part)
 interface ModeRun {
   mode: string;
   experts: string[];
@@ -131,6 +123,7 @@ const runMode = async (key: string, args: string[]): Promise<ModeRun> => {
     { env: { ...process.env, ENGINE_CACHE_DIR: engineCache }, nice: 10, echo, cwd: REPO },
   );
   const out = lastJsonLine<ModeRun>(run, key);
+  appendFileSync(progress, JSON.stringify({ key, ...out }) + '\n');
   log(`  load ${f(out.load_s)} s, ${f(out.step_ms, 0)} ms/step, decode ${f(out.decode_ms, 0)} ms, peak RSS ${f(out.peak_rss_mb, 0)} MB`);
   return out;
 };
@@ -144,6 +137,30 @@ if (modes.has('merge')) {
   runs.merge = await runMode('merge', ['--mode', 'merge', '--experts', ids.join(',')]);
   runs['merge:again'] = await runMode('merge again', ['--mode', 'merge', '--experts', ids.join(',')]);
 }
+// 4. PyTorch on the same weights (expert 0's U-Net, fp32, same threads)
+let torchRun: { step_ms: number; load_s: number; peak_rss_mb: number } | null = null;
+if (!values['no-torch']) {
+  log('PyTorch fp32 U-Net on the same weights …');
+  const run = await runMeasured(py, ['-m', 'trainer.fixture.sd15_bench', 'torch', '--checkpoint', checkpoints[0], '--size', String(size), '--steps', String(steps), '--threads', String(threads)], { env: pyEnv, nice: 10, echo, cwd: REPO });
+  torchRun = lastJsonLine(run, 'the PyTorch reference');
+  appendFileSync(progress, JSON.stringify({ key: 'torch', ...torchRun }) + '\n');
+  log(`  ${f(torchRun!.step_ms, 0)} ms/step`);
+}
+
+// 5. The AFA ensemble (large_graph: one expert's weights at a time)
+const ensembleId = `afa${nExperts}`;
+let afaExport: { seconds: number; peak_rss_mb: number | null; bytes: number } | null = null;
+const hasAfa = () => (readManifest().ensembles ?? []).some((e) => e.id === ensembleId && typeof e.graph === 'string' && existsSync(path.join(packageDir, e.graph)));
+if (modes.has('afa') && (importRun !== null || !hasAfa())) {
+  log(`exporting the AFA ensemble ${ensembleId} (hidden ${values.hidden}, depth ${values.depth}) …`);
+  const args = ['-m', 'trainer.fixture.sd15_bench', 'add-afa', '--package', packageDir, '--id', ensembleId, '--hidden', values.hidden!, '--depth', values.depth!];
+  if (values['afa-fp16']) args.push('--fp16');
+  const run = await runMeasured(py, args, { env: pyEnv, nice: 10, echo, cwd: REPO });
+  const out = lastJsonLine<{ bytes: number; seconds: number }>(run, 'the AFA export');
+  afaExport = { seconds: run.seconds, peak_rss_mb: run.peakRssMb, bytes: out.bytes };
+  appendFileSync(progress, JSON.stringify({ key: 'afa_export', ...afaExport }) + '\n');
+  log(`AFA graph: ${f(mb(out.bytes), 0)} MB in ${f(run.seconds)} s, peak RSS ${f(run.peakRssMb, 0)} MB`);
+}
 if (modes.has('afa')) {
   runs.afa = await runMode('afa', ['--mode', 'afa', '--ensemble', ensembleId]);
   runs['afa:again'] = await runMode('afa again', ['--mode', 'afa', '--ensemble', ensembleId]);
@@ -154,15 +171,6 @@ const graphFiles = [...new Set(Object.values(runs).flatMap((r) => r.open.map((o)
 const fp32 = graphFiles.length
   ? lastJsonLine<Record<string, number>>(await runMeasured(py, ['-m', 'trainer.fixture.sd15_bench', 'fp32-bytes', ...graphFiles], { env: pyEnv, cwd: REPO }), 'counting graph bytes')
   : {};
-
-// 5. PyTorch on the same weights (expert 0's U-Net, fp32, same threads)
-let torchRun: { step_ms: number; load_s: number; peak_rss_mb: number } | null = null;
-if (!values['no-torch']) {
-  log('PyTorch fp32 U-Net on the same weights …');
-  const run = await runMeasured(py, ['-m', 'trainer.fixture.sd15_bench', 'torch', '--checkpoint', checkpoints[0], '--size', String(size), '--steps', String(steps), '--threads', String(threads)], { env: pyEnv, nice: 10, echo, cwd: REPO });
-  torchRun = lastJsonLine(run, 'the PyTorch reference');
-  log(`  ${f(torchRun!.step_ms, 0)} ms/step`);
-}
 
 const rel = (file: string) => path.relative(packageDir, file);
 const modeSummary = (r: ModeRun) => {
