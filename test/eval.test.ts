@@ -514,10 +514,12 @@ describe('npm run eval on a smoke package', { skip: SMOKE ? false : 'no smoke pa
         ['--import', 'tsx', 'src/eval/main.ts', '--quick', '--model-dir', SMOKE!, '--out', out, '--steps', '2'],
         { cwd: REPO_ROOT, timeout: 230_000 },
       );
-      assert.match(stderr, /8 prompts \(quick set\) × 6 modes/);
+      // six rows, or seven when the smoke package has a fuse ensemble (built after issue 18)
+      const modes = Number(stderr.match(/8 prompts \(quick set\) × (\d) modes/)?.[1]);
+      assert.ok(modes === 6 || modes === 7, stderr);
       assert.match(stdout, /results\.md/);
       const md = await readFile(out, 'utf8');
-      for (const row of ['Curves alone', 'Blocks alone', 'Spikes alone', 'Average of 3', 'Merge of 3', 'AFA trio']) {
+      for (const row of ['Curves alone', 'Blocks alone', 'Spikes alone', 'Average of 3', 'Merge of 3', ...(modes === 7 ? ['Fuse of 3'] : []), 'AFA trio']) {
         assert.equal(md.split('\n').filter((l) => l.startsWith(`| ${row} |`)).length >= 2, true, row);
       }
       assert.match(md, /Quick subset/);
@@ -525,7 +527,7 @@ describe('npm run eval on a smoke package', { skip: SMOKE ? false : 'no smoke pa
       assert.equal(extractAnalysis(md), 'Kept words.');
       for (const png of ['contributions.png', 'compare.png']) assert.ok((await stat(path.join(dir, 'results', png))).size > 1000);
       const perPrompt = JSON.parse(await readFile(path.join(dir, 'results', 'per-prompt.json'), 'utf8'));
-      assert.equal(perPrompt.modes.length, 6);
+      assert.equal(perPrompt.modes.length, modes);
       assert.ok(perPrompt.modes.every((m: { outcomes: unknown[] }) => m.outcomes.length === 8));
       const afa = perPrompt.modes.find((m: { key: string }) => m.key === 'afa:trio');
       assert.equal(afa.outcomes.filter((o: { routing?: number[] }) => o.routing?.length === 2).length, 2);

@@ -10,7 +10,7 @@ import type { PromptSetName } from './prompts.ts';
 const USAGE = `usage: npm run eval -- [--model-dir DIR] [--quick | --small] [--out FILE.md] [--steps N] [--guidance F] [--ensemble ID] [--jobs N] [--threads N] [--images]
 
   --quick   6 single-object + 2 two-object prompts (a smoke test)
-  (default) 108 single-object + 36 two-object prompts (about 3.5 min for the demo on 2 idle CPU cores)
+  (default) 108 single-object + 36 two-object prompts (about 4.5 min for the demo's 7 rows on 2 idle CPU cores)
   --small   36 single-object + 24 two-object prompts (for a busy machine)
   --out     the report (default docs/results.md); figures go to the folder of the same name
   --guidance  classifier-free guidance for every mode (default: the package's)
