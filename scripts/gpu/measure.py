@@ -229,13 +229,13 @@ def train(args) -> int:
 
     p = PRESETS[args.preset]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer, text_encoder, _vae, _unets, ensemble = models(args.preset)
+    tokenizer, text_encoder, vae, _unets, ensemble = models(args.preset)
     schedule, config = schedule_from_config(SCHEDULER_CONFIG)
     objective = AFAObjective(ensemble, [text_encoder] * EXPERTS, [tokenizer] * EXPERTS, device,
                              DiffusionLoss(schedule, device, "none", 5.0), config, 0.1, 0.0, 2, None, False, None)
     optimizer = torch.optim.AdamW(ensemble.aggregator_parameters(), lr=1e-4, weight_decay=0.01)
     objective.set_training(True)
-    h = p["size"] // 8
+    h = p["size"] // vae.config.downsample_factor
     batch = p["train_batch"]
     generator = torch.Generator("cpu").manual_seed(0)
     x = torch.randn(batch, 4, h, h)
@@ -275,11 +275,11 @@ def train(args) -> int:
 
 
 TARGETS = [  # (key, what, limit, "max" = at most / "min" = at least)
-    ("single_s", "single SD1.5 expert, 512², 25 steps, CFG (s per picture)", 0.35, "max"),
-    ("afa_s", "3-expert AFA, same (s per picture)", 1.2, "max"),
+    ("single_s", "single expert, s per picture", 0.35, "max"),
+    ("afa_s", "3-expert AFA, s per picture", 1.2, "max"),
     ("afa_over_singles", "AFA step / Σ the 3 experts' single steps", 1.1, "max"),
-    ("engine_vs_torch_single", "PyTorch fp16 / engine, single (whole picture)", 1.0, "min"),
-    ("engine_vs_torch_afa", "PyTorch fp16 / engine, AFA (whole picture)", 1.0, "min"),
+    ("engine_vs_torch_single", "PyTorch reference / engine, single (whole picture)", 1.0, "min"),
+    ("engine_vs_torch_afa", "PyTorch reference / engine, AFA (whole picture)", 1.0, "min"),
 ]
 
 
@@ -311,8 +311,12 @@ def report(args) -> int:
               "engine": engine, "torch": torch_ref, "train": training, "build": built, **extra}
     with open(os.path.join(args.out, "gpu-measure.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
-    lines = [f"Preset {args.preset} on {args.provider} ({torch_ref.get('device', '?')}); skipped: "
-             f"{args.skipped or 'nothing'}", "", "| figure | target | measured | met |", "|---|---|---|---|"]
+    shape = next(iter(em.values()), {})
+    lines = [f"Preset {args.preset}: {shape.get('size', '?')}, {shape.get('steps', '?')} steps, guidance "
+             f"{shape.get('guidance', '?')}; engine on {args.provider}, PyTorch reference on {torch_ref.get('device', '?')} "
+             f"in {torch_ref.get('dtype', '?')}; skipped: {args.skipped or 'nothing'}",
+             "(the targets are for SD1.5 at 512², 25 steps, CFG, on an H100/H200)", "",
+             "| figure | target | measured | met |", "|---|---|---|---|"]
     for key, what, limit, kind in TARGETS:
         value = figures.get(key)
         met = "" if value is None else ("yes" if (value <= limit if kind == "max" else value >= limit) else "NO")

@@ -28,6 +28,7 @@ if [ "${GPU_BUILD:-1}" != 0 ] && [ ! -f "$work/pkg-$preset/manifest.json" ] &&
   flags=()
   [ "$preset" = tiny ] && flags=(--cpu --tiny)
   setsid nohup bash scripts/gpu/measure.sh --background "${flags[@]}" >"$work/background.log" 2>&1 </dev/null &
+  echo $! >"$work/build-$preset.pid"  # setsid execs (no fork) here: this is the build's pid
   echo "stage.sh: started the model build in the background (log: $work/background-out/measure.log)"
 fi
 count=$(cat "$STAGE/parts/COUNT")
