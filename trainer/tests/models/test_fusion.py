@@ -164,3 +164,27 @@ def test_a_fused_ensemble_needs_compatible_experts():
     b = UNet2DConditionModel(config)
     with pytest.raises(ValueError):
         FusionEnsemble([a, b])
+
+
+@pytest.mark.parametrize("text", [False, True])
+def test_the_exported_graph_computes_the_fusion(tmp_path, text):
+    """export_afa writes a fused ensemble with AFA's inputs and outputs; onnxruntime matches PyTorch on
+    another batch and (odd) latent size, with all experts and with a subset (the parity check raises)."""
+    from trainer.export import ort_check
+    from trainer.export.graphs import export_afa
+    from trainer.export.onnx_io import graph_signature
+
+    config = UNetConfig.tiny(cross_attention_dim=TEXT_DIM)
+    config.block_out_channels, config.norm_num_groups = (8, 16, 16), 4
+    unets = []
+    for k in range(2):
+        torch.manual_seed(200 + k)
+        unets.append(UNet2DConditionModel(config).eval())
+    path = str(tmp_path / "fuse.onnx")
+    report = export_afa(FusionEnsemble(unets, temperature=0.5, text=text), path, subsets=True, check="auto",
+                        name="fuse", compact=True)
+    inputs, outputs = graph_signature(path)
+    assert list(inputs) == ["sample", "timestep", "encoder_hidden_states", "expert_mask"]
+    assert outputs == {"out_sample": "float32[batch,4,height,width]", "contributions": "float32[batch,2,height,width]"}
+    if ort_check.unavailable_reason() is None:
+        assert report.max_abs_error is not None and max(report.max_abs_error.values()) <= 1e-4
