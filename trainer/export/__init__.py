@@ -9,6 +9,9 @@
     manifest_schema  a manifest against docs/manifest.schema.json and the rules across its fields
     manifest         manifest.json: validation (the schema's rules, then the package's files) and writing
     package          whole packages (save_package)
+    shared_weights   graphs in one folder reading one external data file, each weight once
+    graph_weights    PyTorch U-Nets read back from a package's expert graphs
+    add_to           adding a fuse or AFA ensemble to an existing package (--add-to)
     spec             packages from trained model folders named in a JSON spec; the CLI
 
 `python3 -m trainer.export --spec package-spec.json --out models/<name>` runs spec.main. The names
