@@ -15,6 +15,7 @@ import torch
 
 from trainer.demo import classifier as clf
 from trainer.demo import shapes
+from trainer.demo.bundle import FUSE_ID, fuse_spec
 from trainer.demo.eval_reference import write_reference
 from trainer.demo.metrics import (adherence_scores, cross_family_pairs, generate, latent_scale,
                                   vae_reconstruction)
@@ -328,9 +329,10 @@ def stage_export(run: StageRun) -> Dict[str, Any]:
                             description="curves, blocks and spikes fused per pixel by a trained SABW aggregator; "
                                         "any two of them also work")
         ex = r["export"]
+        ensembles = {"trio": spec, FUSE_ID: fuse_spec(list(experts.values()))}  # the fuse graph shares trio's weights
         result = save_package(out_dir, run.path("tokenizer"), text_encoder.eval(), vae.eval(), experts,
-                              {"trio": spec}, r["scheduler"], package, fp16=ex["fp16"], check=ex["check"],
-                              log=run.log)
+                              ensembles, r["scheduler"], package, fp16=ex["fp16"], check=ex["check"],
+                              share_weights=True, log=run.log)
         classifier = clf.load_classifier(run.path("classifier", "classifier.pt"))
         blob = torch.load(run.path("classifier", "classifier.pt"))
         clf.export_classifier_onnx(classifier, os.path.join(out_dir, "eval", "classifier.onnx"),

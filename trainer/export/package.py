@@ -92,7 +92,8 @@ def save_package(out_dir: str, tokenizer_dir: str, text_encoder: CLIPTextEncoder
     vae_encoder: also export the VAE's encoder (vae_encoder/model.onnx), which image-to-image needs.
     share_weights: an ensemble over the same experts (same order) as an earlier one goes into that one's
     folder as `<id>.onnx`, and the folder's graphs read one external data file holding each weight once
-    (trainer.export.shared_weights), e.g. an AFA and a fuse graph over the same experts.
+    (trainer.export.shared_weights), e.g. an AFA and a fuse graph over the same experts; ensemble graphs
+    then also get compact value names (their structure is megabytes with the exporter's names).
     """
     int64_ids = set(timestep_int64)
     fields = dict(manifest_fields)
@@ -159,7 +160,7 @@ def save_package(out_dir: str, tokenizer_dir: str, text_encoder: CLIPTextEncoder
         method = ensemble_method(spec.ensemble)
         record(export_afa(spec.ensemble, os.path.join(out_dir, rel), subsets=spec.subsets, name=f"{method} {ens_id}",
                           timestep_dtype="int64" if ens_id in int64_ids else "float32",
-                          attention_mask=attention_mask, fp16=fp16, check=check, compact=compact))
+                          attention_mask=attention_mask, fp16=fp16, check=check, compact=compact or share_weights))
         extra = dict(ensemble_fields.get(ens_id, {}))
         extra.pop("subsets", None)
         entry = {"id": ens_id, "title": extra.pop("title", spec.title or default_title(ens_id, method)),
