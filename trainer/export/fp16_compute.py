@@ -20,7 +20,8 @@ from typing import Any, Dict, Iterator, List, Mapping, MutableMapping, Optional,
 import onnx
 
 from trainer.export.errors import ExportError, ManifestError
-from trainer.export.fp16_graph import Fp16Report, emulate_fp16, to_fp16_compute
+from trainer.export.fp16_emulate import emulate_fp16
+from trainer.export.fp16_graph import Fp16Report, to_fp16_compute
 from trainer.export.manifest import write_manifest
 from trainer.export.onnx_io import save_onnx
 

@@ -22,14 +22,13 @@ A float32 island costs two Casts; data-movement nodes (Reshape, Identity, …) a
 feed only float32 nodes stay float32, so constants are not cast at run time. Float16 constants are
 clamped to ±65504.
 
-`emulate_fp16(model16)` is the same graph in float32 arithmetic with every float16 value rounded to
-float16 (Cast there and back): what a GPU computing in float16 gives, up to the order of its sums,
-runnable on any CPU. trainer.export.fp16_compute applies the transform to packages (the CLI).
+trainer.export.fp16_emulate runs such a graph's float16 rounding on any CPU; trainer.export.fp16_compute
+applies the transform to packages (the CLI).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, MutableMapping, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Mapping, Sequence, Set, Tuple
 
 import numpy as np
 import onnx
@@ -457,49 +456,3 @@ def _drop_noop_casts(nodes: List[onnx.NodeProto], precision: Mapping[str, str], 
             for name in sorted(_subgraph_outer_names(n) & set(renamed)):
                 _rename_in_subgraphs(n, name, renamed[name])
     return kept
-
-
-# ----------------------------------------------------------------------------------------- emulation
-
-def emulate_fp16(model16: onnx.ModelProto) -> onnx.ModelProto:
-    """`model16` (a float16-compute graph) in float32 arithmetic, every float16 value rounded to
-    float16: weights and constants hold float16 numbers, each node that computes in float16 has its
-    outputs rounded (Cast to float16 and back). Runs on any CPU provider; a GPU computing in float16
-    gives the same up to the order of its sums."""
-    types = value_types(model16)
-    for v in list(model16.graph.input) + list(model16.graph.output):
-        if types.get(v.name) == FLOAT16:
-            raise ExportError(f"emulate_fp16: graph input/output {v.name!r} is float16; only float32 boundaries are emulated")
-    out = onnx.ModelProto()
-    out.CopyFrom(model16)
-    g = out.graph
-    del g.value_info[:]
-    for init in g.initializer:
-        if init.data_type == FLOAT16:
-            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name))
-    nodes: List[onnx.NodeProto] = []
-    for n in g.node:
-        if n.op_type in ("Constant", "ConstantOfShape"):
-            for a in n.attribute:
-                if a.name == "value" and a.t.data_type == FLOAT16:
-                    a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float32), a.t.name))
-            nodes.append(n)
-            continue
-        rounded = [j for j, o in enumerate(n.output) if o and types.get(o) == FLOAT16]
-        if n.op_type == "Cast":
-            for a in n.attribute:
-                if a.name == "to" and a.i == FLOAT16:
-                    a.i = FLOAT
-        elif n.op_type in MOVEMENT_OPS:
-            rounded = []  # moves values that are float16 numbers already
-        final = {}
-        for j in rounded:
-            final[j] = n.output[j]
-            n.output[j] = f"{final[j]}__exact"
-        nodes.append(n)
-        for j, name in final.items():
-            nodes.append(helper.make_node("Cast", [f"{name}__exact"], [f"{name}__h"], to=FLOAT16))
-            nodes.append(helper.make_node("Cast", [f"{name}__h"], [name], to=FLOAT))
-    del g.node[:]
-    g.node.extend(nodes)
-    return out

@@ -22,7 +22,8 @@ from trainer import REPO_ROOT
 from trainer.export import ort_check
 from trainer.export.errors import ExportError, ManifestError
 from trainer.export.fp16_compute import add_fp16_variants, fp16_path, main, parse_graph_kinds
-from trainer.export.fp16_graph import emulate_fp16, to_fp16_compute, value_types
+from trainer.export.fp16_emulate import emulate_fp16
+from trainer.export.fp16_graph import to_fp16_compute, value_types
 from trainer.export.graphs import export_unet
 from trainer.tests.small_models import TEXT_DIM, small_unet
 
