@@ -211,7 +211,7 @@ def _extra_feed(name: str, unet: UNet2DConditionModel, batch: int, generator: to
 def export_unet(unet: UNet2DConditionModel, path: str, *, timestep_dtype: str = "float32",
                 attention_mask: bool = False, fp16: bool = False, check: Check = "auto",
                 tolerance: float = FP32_TOLERANCE, seed: int = 0, name: str = "unet",
-                compact: bool = False) -> GraphReport:
+                compact: bool = False, writer: Optional[Callable[..., GraphReport]] = None) -> GraphReport:
     """sample [B,C,h,w], timestep float32 [B] (or int64 [B]), encoder_hidden_states [B,77,D] -> out_sample.
 
     attention_mask adds `encoder_attention_mask` float32 [B,77] (1 = token, 0 = padding); a U-Net
@@ -240,9 +240,11 @@ def export_unet(unet: UNet2DConditionModel, path: str, *, timestep_dtype: str = 
             "encoder_hidden_states": {0: "batch"}, "out_sample": {0: "batch", 2: "height", 3: "width"}}
     for extra in names[3:]:
         axes[extra] = {0: "batch"}
-    torch_export(module, tuple(example.values()), path, names, ["out_sample"], axes)
     odd = (max(2, size - 2) | 1, max(2, size // 2 + 1))  # other (odd) sizes than the traced one
     checks = [feeds(2, odd[0], odd[1], [981.0, 1.0]), feeds(1, size, size, [500.0])]
+    if writer is not None:  # as export_afa's: trainer.export.large_graph
+        return writer(name, path, module, tuple(example.values()), names, ["out_sample"], axes, checks)
+    torch_export(module, tuple(example.values()), path, names, ["out_sample"], axes)
     return _finish(name, path, module, checks, ["out_sample"], fp16, check, tolerance, compact)
 
 

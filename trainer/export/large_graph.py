@@ -31,10 +31,11 @@ from torch import Tensor, nn
 
 from trainer.export.errors import ExportError
 from trainer.export.fp16 import FP16_MAX, FP16_MIN_ELEMENTS, rename_inputs, round_weights_fp16
-from trainer.export.graphs import GraphReport, export_afa
+from trainer.export.graphs import GraphReport, export_afa, export_unet
 from trainer.export.onnx_io import OPSET, graph_signature, onnx_export_kwargs
 from trainer.export.parity import FP32_TOLERANCE, Check, check_parity
 from trainer.models.afa import AFAEnsemble
+from trainer.models.unet import UNet2DConditionModel
 
 ExpertWeights = Callable[[int], Mapping[str, Tensor]]  # expert index -> its U-Net state dict (diffusers names)
 
@@ -241,11 +242,11 @@ def write_weights(model: onnx.ModelProto, path: str, sources: Sequence[Tuple[Cal
 # The AFA graph
 
 
-def _small_sample(args: Tuple[Tensor, ...], ensemble: AFAEnsemble) -> Tuple[Tensor, ...]:
+def _small_sample(args: Tuple[Tensor, ...], config) -> Tuple[Tensor, ...]:
     """The trace's sample at the smallest latent size the U-Nets take (height and width are dynamic axes;
     with placeholder weights a large trace only costs time)."""
     sample = args[0]
-    smallest = 2 ** len(ensemble.unets[0].config.block_out_channels)  # 2×2 at the deepest level
+    smallest = 2 ** len(config.block_out_channels)  # 2×2 at the deepest level
     if sample.shape[-1] <= smallest and sample.shape[-2] <= smallest:
         return args
     return (torch.zeros(*sample.shape[:-2], smallest, smallest, dtype=sample.dtype),) + tuple(args[1:])
@@ -256,6 +257,54 @@ def _unet_state(ensemble: AFAEnsemble, i: int) -> Mapping[str, Tensor]:
     if any(v.is_meta for v in state.values()):
         raise ExportError(f"expert {i}'s U-Net has no weights (meta device) and no expert_weights were given")
     return state
+
+
+def _writer(config, sources: Callable[[nn.Module], list], parity: bool, fp16: bool, check: Check,
+            tolerance: float) -> Callable[..., GraphReport]:
+    """The `writer` hook of graphs.export_afa / export_unet: trace without weights, write them from
+    sources(module) one source at a time, check the file, and (when the module holds the weights) parity."""
+
+    def writer(graph_name: str, graph_path: str, module: nn.Module, args: Tuple[Tensor, ...],
+               input_names: Sequence[str], output_names: Sequence[str], axes: Mapping[str, Mapping[int, str]],
+               checks: Sequence[Mapping[str, Tensor]]) -> GraphReport:
+        os.makedirs(os.path.dirname(os.path.abspath(graph_path)), exist_ok=True)
+        model = _trace_without_weights(module, _small_sample(args, config), input_names, output_names, axes)
+        write_weights(model, graph_path, sources(module), fp16)
+        del model
+        gc.collect()
+        try:
+            onnx.checker.check_model(graph_path)
+        except onnx.checker.ValidationError as e:
+            raise ExportError(f"{graph_name}: onnx.checker rejects {graph_path}: {e}") from None
+        if parity:
+            errors, skipped = check_parity(graph_name, graph_path, round_weights_fp16(module) if fp16 else module,
+                                           checks, output_names, tolerance, check)
+        else:
+            errors, skipped = None, "weights streamed from files (parity proven on small models by the tests)"
+        inputs, outputs = graph_signature(graph_path)
+        size = os.path.getsize(graph_path) + os.path.getsize(graph_path + "_data")
+        return GraphReport(graph=graph_name, path=graph_path, inputs=inputs, outputs=outputs,
+                           weights_dtype="float16" if fp16 else "float32", bytes=size,
+                           max_abs_error=errors, tolerance=tolerance, skipped_reason=skipped)
+
+    return writer
+
+
+def export_unet_streamed(unet: UNet2DConditionModel, path: str, weights: Optional[Callable[[], Mapping[str, Tensor]]] = None,
+                         *, timestep_dtype: str = "float32", attention_mask: bool = False, fp16: bool = False,
+                         check: Check = "auto", tolerance: float = FP32_TOLERANCE, seed: int = 0,
+                         name: str = "unet") -> GraphReport:
+    """graphs.export_unet's graph written the same way: `unet` may be on the meta device when `weights()`
+    gives its state dict (e.g. read from a checkpoint), so the process holds one copy of the weights
+    instead of PyTorch's plus the exporter's (an SD1.5 U-Net: ~3 GB instead of ~13 GB)."""
+    has_weights = not any(p.is_meta for p in unet.parameters())
+    if weights is None and not has_weights:
+        raise ExportError("the U-Net has no weights (meta device): pass weights")
+    load = weights or unet.state_dict
+    writer = _writer(unet.config, lambda module: [(load, "unet.")], parity=has_weights and weights is None,
+                     fp16=fp16, check=check, tolerance=tolerance)
+    return export_unet(unet, path, timestep_dtype=timestep_dtype, attention_mask=attention_mask, fp16=fp16,
+                       check=check, tolerance=tolerance, seed=seed, name=name, writer=writer)
 
 
 def export_afa_streamed(ensemble: AFAEnsemble, path: str, expert_weights: Optional[ExpertWeights] = None, *,
@@ -273,32 +322,13 @@ def export_afa_streamed(ensemble: AFAEnsemble, path: str, expert_weights: Option
     if any(p.is_meta for p in ensemble.aggregators.parameters()):
         raise ExportError("the ensemble's aggregators have no weights (meta device)")
 
-    def writer(graph_name: str, graph_path: str, module: nn.Module, args: Tuple[Tensor, ...],
-               input_names: Sequence[str], output_names: Sequence[str], axes: Mapping[str, Mapping[int, str]],
-               checks: Sequence[Mapping[str, Tensor]]) -> GraphReport:
-        os.makedirs(os.path.dirname(os.path.abspath(graph_path)), exist_ok=True)
-        model = _trace_without_weights(module, _small_sample(args, ensemble), input_names, output_names, axes)
+    def sources(module: nn.Module):
         loads = streamed and (lambda i: lambda: expert_weights(i)) or (lambda i: lambda: _unet_state(ensemble, i))
-        sources = [(loads(i), f"{UNETS_PREFIX}{i}.") for i in range(ensemble.num_experts)]
-        sources.append((lambda: {k: v for k, v in module.state_dict().items()
-                                 if not k.startswith(UNETS_PREFIX)}, ""))
-        write_weights(model, graph_path, sources, fp16)
-        del model
-        gc.collect()
-        try:
-            onnx.checker.check_model(graph_path)
-        except onnx.checker.ValidationError as e:
-            raise ExportError(f"{graph_name}: onnx.checker rejects {graph_path}: {e}") from None
-        if has_weights and not streamed:
-            errors, skipped = check_parity(graph_name, graph_path, round_weights_fp16(module) if fp16 else module,
-                                           checks, output_names, tolerance, check)
-        else:
-            errors, skipped = None, "weights streamed from files (parity proven on small models by the tests)"
-        inputs, outputs = graph_signature(graph_path)
-        size = os.path.getsize(graph_path) + os.path.getsize(graph_path + "_data")
-        return GraphReport(graph=graph_name, path=graph_path, inputs=inputs, outputs=outputs,
-                           weights_dtype="float16" if fp16 else "float32", bytes=size,
-                           max_abs_error=errors, tolerance=tolerance, skipped_reason=skipped)
+        found = [(loads(i), f"{UNETS_PREFIX}{i}.") for i in range(ensemble.num_experts)]
+        found.append((lambda: {k: v for k, v in module.state_dict().items() if not k.startswith(UNETS_PREFIX)}, ""))
+        return found
 
+    writer = _writer(ensemble.unets[0].config, sources, parity=has_weights and not streamed, fp16=fp16,
+                     check=check, tolerance=tolerance)
     return export_afa(ensemble, path, subsets=subsets, timestep_dtype=timestep_dtype, attention_mask=attention_mask,
                       fp16=fp16, check=check, tolerance=tolerance, seed=seed, name=name, writer=writer)

@@ -112,3 +112,24 @@ def test_missing_weights_are_named(tmp_path):
 
     with pytest.raises(ExportError, match=r"no weights for 2 graph input\(s\): ensemble\.unets\.0\.conv_in\.weight"):
         large_graph.export_afa_streamed(skeleton, str(tmp_path / "m.onnx"), partial, check=False)
+
+
+def test_a_unet_streamed_onto_the_meta_device_equals_the_normal_export(tmp_path):
+    ort_check.skip_unless_available()
+    real = _ensemble().unets[0]
+    state = {k: v.clone() for k, v in real.state_dict().items()}
+    skeleton = UNet2DConditionModel(real.config, device="meta")
+    normal = str(tmp_path / "normal" / "model.onnx")
+    streamed = str(tmp_path / "streamed" / "model.onnx")
+    graphs.export_unet(real, normal, check=False)
+    checked = large_graph.export_unet_streamed(real, str(tmp_path / "checked" / "model.onnx"), check=True)
+    assert checked.max_abs_error is not None  # from its own weights: parity against PyTorch
+    report = large_graph.export_unet_streamed(skeleton, streamed, lambda: state)
+    assert report.inputs == graphs.graph_signature(normal)[0] and report.max_abs_error is None
+    g = torch.Generator().manual_seed(5)
+    feeds = [{"sample": torch.randn(2, 4, 9, 12, generator=g).numpy(),
+              "timestep": np.array([917.0, 3.0], dtype=np.float32),
+              "encoder_hidden_states": torch.randn(2, 77, 32, generator=g).numpy()}]
+    want, got = ort_check.run_onnx_many(normal, feeds)[0], ort_check.run_onnx_many(streamed, feeds)[0]
+    assert np.max(np.abs(got["out_sample"] - want["out_sample"])) <= 2e-5
+    assert np.std(want["out_sample"]) > 1e-3
