@@ -4,22 +4,19 @@
 // contributions, 🧩 Contributions and 🔍 Compare) through the real discord.js client and the fake
 // Discord, on an engine thread.
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { promisify } from 'node:util';
 import type { EnsembleInfo, GenerateRequest } from '../src/engine/api.ts';
 import { startEngineThread } from '../src/engine-host/engine-thread.ts';
 import { Engine } from '../src/engine/pipeline.ts';
 import { parseParameters, readPngText } from '../src/engine/render/index.ts';
 import type { FakeMessage } from '../src/testing/fake-discord.ts';
 import { REPO_ROOT, TINY, maxAbsDiff } from './helpers/fixture.ts';
+import { runCli } from './helpers/cli.ts';
 import { BotHarness, embedField, pngParameters } from './support/bot-harness.ts';
-
-const exec = promisify(execFile);
 const prompt = 'a red circle on the left and a blue square on the right';
 
 let engine: Engine;
@@ -133,23 +130,11 @@ describe('CLI', () => {
   after(async () => {
     for (const dir of dirs) await rm(dir, { recursive: true, force: true });
   });
-  async function cli(script: string, args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-    try {
-      const { stdout, stderr } = await exec(process.execPath, ['--import', 'tsx', path.join(REPO_ROOT, 'src/cli', script), ...args], {
-        cwd: REPO_ROOT,
-        env: { ...process.env, MODEL_DIR: TINY },
-      });
-      return { code: 0, stdout, stderr };
-    } catch (err) {
-      const e = err as { code: number; stdout: string; stderr: string };
-      return { code: e.code, stdout: e.stdout, stderr: e.stderr };
-    }
-  }
 
   test('imagine --mode fuse writes the PNG, its contribution panel and maps, and a comparison with each expert', async () => {
     const out = await mkdtemp(path.join(os.tmpdir(), 'fuse-cli-'));
     dirs.push(out);
-    const r = await cli('imagine.ts', [prompt, '--mode', 'fuse', '--seed', '9', '--steps', '3', '--contributions', '--compare', '--out', out, '--json']);
+    const r = await runCli('imagine.ts', [prompt, '--mode', 'fuse', '--seed', '9', '--steps', '3', '--contributions', '--compare', '--out', out, '--json']);
     assert.equal(r.code, 0, r.stderr);
     const report = JSON.parse(r.stdout.trim().split('\n').pop()!);
     const params = parseParameters(readPngText(await readFile(report.images[0].path)).parameters);
@@ -165,17 +150,17 @@ describe('CLI', () => {
     await readFile(report.compare[0].path);
 
     // --ensemble alone runs the ensemble in its own mode.
-    const byId = await cli('imagine.ts', [prompt, '--ensemble', fuse.id, '--seed', '9', '--steps', '2', '--out', out, '--json']);
+    const byId = await runCli('imagine.ts', [prompt, '--ensemble', fuse.id, '--seed', '9', '--steps', '2', '--out', out, '--json']);
     assert.equal(byId.code, 0, byId.stderr);
     const first = JSON.parse(byId.stdout.trim().split('\n').pop()!).images[0].path;
     assert.equal(parseParameters(readPngText(await readFile(first)).parameters).mode, 'fuse');
   });
 
   test('models lists the fuse ensemble with its method; a wrong mode is one line', async () => {
-    const models = await cli('models.ts', []);
+    const models = await runCli('models.ts', []);
     assert.equal(models.code, 0, models.stderr);
     assert.match(models.stdout, new RegExp(`^  ${fuse.id}\\s+fuse\\s+${fuse.title.replace(/[()]/g, '\\$&')}`, 'm'));
-    const bad = await cli('imagine.ts', [prompt, '--mode', 'fused', '--steps', '1']);
+    const bad = await runCli('imagine.ts', [prompt, '--mode', 'fused', '--steps', '1']);
     assert.notEqual(bad.code, 0);
     assert.match(bad.stderr, /--mode must be one of single, average, merge, fuse, afa \(got "fused"\)/);
     assert.doesNotMatch(bad.stderr, /\n\s+at /, 'no stack trace');
