@@ -239,7 +239,7 @@ describe('distributed mode with two worker processes', () => {
     ]);
     assert.match(adverts[0].problem ?? '', /vae_decoder\/model\.onnx/);
     assert.deepEqual(adverts[1].experts, ['alpha', 'beta', 'odd']);
-    assert.deepEqual(adverts[1].ensembles, ['duo']);
+    assert.deepEqual(adverts[1].ensembles, ['duo', 'fuse']);
   });
 
   test('a stream of jobs is shared by both workers; every job completes once, with the same pixels as the embedded engine', async () => {
