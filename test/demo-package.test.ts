@@ -72,7 +72,7 @@ describe('the demo package (models/demo)', () => {
     assert.ok(Math.abs(maps.shares.reduce((a, b) => a + b, 0) - 1) < 1e-6);
   });
 
-  // The training-free fuse graph shares the trio's weights (ensembles/trio/weights.onnx_data): both open.
+  // The training-free fuse graph shares the trio's and the experts' weights (unets/weights.onnx_data): all open.
   test('the fuse ensemble draws with contributions, with all three experts and with two', async () => {
     for (const experts of [undefined, ['curves', 'spikes']]) {
       const r = await engine.generate({

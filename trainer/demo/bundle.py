@@ -3,7 +3,8 @@ without data, optimizer states or checkpoints. What a GPU host sends back, or wh
 that a new machine can go on (`python3 -m trainer.build_demo --unbundle FILE --stage export`).
 
 Also the package's training-free ensemble (`fuse_spec`): the fuse graph needs no trained product, only
-the experts, so the export stage adds it beside the trio, sharing its weights."""
+the experts, so the export stage adds it beside the trio; save_package(share_weights=True) puts the experts'
+U-Nets and both ensembles into the package's unets/, reading one weights file."""
 from __future__ import annotations
 
 import os

@@ -329,7 +329,7 @@ def stage_export(run: StageRun) -> Dict[str, Any]:
                             description="curves, blocks and spikes fused per pixel by a trained SABW aggregator; "
                                         "any two of them also work")
         ex = r["export"]
-        ensembles = {"trio": spec, FUSE_ID: fuse_spec(list(experts.values()))}  # the fuse graph shares trio's weights
+        ensembles = {"trio": spec, FUSE_ID: fuse_spec(list(experts.values()))}  # all in unets/, one weights file
         result = save_package(out_dir, run.path("tokenizer"), text_encoder.eval(), vae.eval(), experts,
                               ensembles, r["scheduler"], package, fp16=ex["fp16"], check=ex["check"],
                               share_weights=True, log=run.log)

@@ -31,19 +31,18 @@ import sys
 import tempfile
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-import numpy as np
 import onnx
 import torch
 
 from trainer.export.errors import ExportError, ManifestError
-from trainer.export.graph_weights import unet_from_graph
+from trainer.export.graph_weights import config_beside, unet_from_graph
 from trainer.export.graphs import GraphReport, export_afa
 from trainer.export.manifest import validate_manifest
 from trainer.export.onnx_io import graph_io
 from trainer.export.package import default_title, ensemble_method
 from trainer.export.fp16_compute import add_fp16_variants
 from trainer.export.parity import Check, add_graph_arguments, check_from_arguments
-from trainer.export.shared_weights import DATA_NAME, external_files, share_weights
+from trainer.export.shared_weights import DATA_NAME, check_unchanged, external_files, share_weights
 from trainer.io.model_folders import afa_hyperparameters, load_aggregators, load_unet, read_afa_config
 from trainer.models.afa import AFAEnsemble
 from trainer.models.fusion import DEFAULT_TEMPERATURE, FusionEnsemble
@@ -105,9 +104,9 @@ def load_expert_unets(package_dir: str, manifest: Mapping[str, Any], ids: Sequen
             weights = source["path"]
             if not os.path.exists(weights):
                 raise ExportError(f"expert {expert_id!r}: {SOURCES} names {weights}, which is missing")
-            config_path = os.path.join(os.path.dirname(graph), "config.json")
+            config_path = config_beside(graph)
             config = None
-            if os.path.isfile(config_path):
+            if config_path is not None:
                 with open(config_path, encoding="utf-8") as f:
                     config = json.load(f)
             if log:
@@ -164,16 +163,22 @@ def add_ensemble(package_dir: str, ens_id: str, ensemble: AFAEnsemble, experts: 
     others = [e for e in ensembles if e["id"] != ens_id]
     partner = next((e for e in others if share and list(e["experts"]) == experts and isinstance(e["graph"], str)),
                    None)
+    # the experts' graphs may already share one weights file in one folder (unets/, trainer.export.shared_weights)
+    expert_folders = {os.path.dirname(expert_graph(manifest, e)) for e in experts}
+    shared_folder = next(iter(expert_folders)) if len(expert_folders) == 1 else None
     if partner is not None:
         folder = os.path.dirname(partner["graph"])
         file = f"{ens_id}.onnx"
+    elif share and shared_folder and os.path.isfile(os.path.join(package_dir, shared_folder, DATA_NAME)):
+        folder, file = shared_folder, f"{ens_id}.onnx"
     else:
         folder, file = f"ensembles/{ens_id}", "model.onnx"
-    group = [e for e in others if isinstance(e["graph"], str) and os.path.dirname(e["graph"]) == folder]
+    # every graph of the folder (ensembles', and experts' U-Nets) is rewritten to read the new data file
+    group = [e["graph"] for e in others if isinstance(e["graph"], str) and os.path.dirname(e["graph"]) == folder]
+    group += [e["unet"] for e in manifest["experts"]
+              if isinstance(e.get("unet"), str) and os.path.dirname(e["unet"]) == folder]
 
-    parent = os.path.join(package_dir, "ensembles")
-    os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=f".add-{ens_id}-", dir=parent)
+    work = tempfile.mkdtemp(prefix=f".add-{ens_id}-", dir=package_dir)
     moved_old: Optional[str] = None
     target = os.path.join(package_dir, folder)
     try:
@@ -186,17 +191,18 @@ def add_ensemble(package_dir: str, ens_id: str, ensemble: AFAEnsemble, experts: 
         stage = os.path.join(work, "stage")
         os.makedirs(stage)
         if group:
-            sources = [os.path.join(package_dir, e["graph"]) for e in group] + [built]
-            names = [os.path.basename(e["graph"]) for e in group] + [file]
+            sources = [os.path.join(package_dir, g) for g in group] + [built]
+            names = [os.path.basename(g) for g in group] + [file]
             stats = share_weights(sources, [os.path.join(stage, n) for n in names])
             if log:
                 log(f"{folder}: {', '.join(names)} share {DATA_NAME} ({stats['unique']} distinct of "
                     f"{stats['tensors']} tensors, {stats['bytes'] / 1e6:.2f} MB)")
-            _check_unchanged(package_dir, group, stage, check)
+            check_unchanged([(os.path.join(package_dir, g), os.path.join(stage, os.path.basename(g))) for g in group],
+                            check)
             keep = set(names) | {DATA_NAME}
             stale = set()
-            for e in group:
-                stale.update(external_files(os.path.join(package_dir, e["graph"])))
+            for g in group:
+                stale.update(external_files(os.path.join(package_dir, g)))
         else:
             shutil.move(built, os.path.join(stage, file))
             keep, stale = {file}, set()
@@ -232,44 +238,6 @@ def add_ensemble(package_dir: str, ens_id: str, ensemble: AFAEnsemble, experts: 
         return entry
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _check_unchanged(package_dir: str, group: Sequence[Mapping[str, Any]], stage: str, check: Check) -> None:
-    """The rewritten graphs of the shared folder give bit-identical outputs to the originals in onnxruntime."""
-    from trainer.export import ort_check
-
-    if not check or ort_check.unavailable_reason() is not None:
-        if check is True:
-            raise ExportError(f"cannot check the rewritten graphs: {ort_check.unavailable_reason()}")
-        return
-    for e in group:
-        before = os.path.join(package_dir, e["graph"])
-        after = os.path.join(stage, os.path.basename(e["graph"]))
-        feeds = _random_feeds(before, len(e["experts"]))
-        want, got = ort_check.run_onnx_many(before, [feeds])[0], ort_check.run_onnx_many(after, [feeds])[0]
-        for name, value in want.items():
-            if not np.array_equal(value, got[name]):
-                raise ExportError(f"ensemble {e['id']!r}: its graph with shared weights changes output {name!r} "
-                                  f"(max abs difference {float(np.max(np.abs(value - got[name]))):.3g})")
-
-
-def _random_feeds(path: str, n: int) -> Dict[str, np.ndarray]:
-    inputs, _ = graph_io(path)
-    g = torch.Generator().manual_seed(3)
-    dims = inputs["encoder_hidden_states"].type.tensor_type.shape.dim
-    channels = inputs["sample"].type.tensor_type.shape.dim[1].dim_value or 4
-    int64 = inputs["timestep"].type.tensor_type.elem_type == onnx.TensorProto.INT64
-    feeds = {"sample": torch.randn(2, channels, 6, 5, generator=g).numpy(),
-             "timestep": np.array([901, 17], dtype=np.int64 if int64 else np.float32),
-             "encoder_hidden_states": torch.randn(n, 2, 77, dims[3].dim_value, generator=g).numpy()}
-    if "expert_mask" in inputs:
-        feeds["expert_mask"] = np.ones(n, np.float32)
-    if "encoder_attention_mask" in inputs:
-        feeds["encoder_attention_mask"] = np.ones((2, 77), np.float32)
-    if "class_labels" in inputs:
-        width = inputs["class_labels"].type.tensor_type.shape.dim[2].dim_value
-        feeds["class_labels"] = torch.randn(n, 2, width, generator=g).numpy()
-    return feeds
 
 
 def _write_manifest_atomically(package_dir: str, manifest: Mapping[str, Any]) -> None:

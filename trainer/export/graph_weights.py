@@ -1,4 +1,5 @@
-"""PyTorch U-Nets read back from the package's own expert graphs (experts/<id>/unet/model.onnx + config.json).
+"""PyTorch U-Nets read back from the package's own expert graphs (experts/<id>/unet/model.onnx + config.json,
+or unets/<id>.onnx + <id>.config.json).
 
 A package made by the trainer keeps no PyTorch weights, but its expert graphs hold them: initializers named
 `unet.<parameter>` are the parameters as they are, and the exporter's constant folding turns the others
@@ -102,6 +103,16 @@ def _corresponding_initializers(probe: onnx.ModelProto, graph: onnx.ModelProto, 
     return mapping
 
 
+def config_beside(graph_path: str) -> Optional[str]:
+    """The U-Net config of an expert graph: `<stem>.config.json` beside it (a folder of several graphs, e.g.
+    unets/curves.onnx → unets/curves.config.json), else `config.json` in its folder; None when neither exists."""
+    for path in (os.path.splitext(graph_path)[0] + ".config.json",
+                 os.path.join(os.path.dirname(graph_path), "config.json")):
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 @torch.no_grad()
 def unet_from_graph(graph_path: str, config: Optional[UNetConfig] = None, *, check: Check = "auto",
                     tolerance: float = 1e-4) -> UNet2DConditionModel:
@@ -109,8 +120,8 @@ def unet_from_graph(graph_path: str, config: Optional[UNetConfig] = None, *, che
     float32 and eval mode. Raises ExportError when a parameter cannot be found in the graph, or when the
     re-exported graph's outputs differ from the package graph's (check: as parity's)."""
     if config is None:
-        config_path = os.path.join(os.path.dirname(graph_path), "config.json")
-        if not os.path.isfile(config_path):
+        config_path = config_beside(graph_path)
+        if config_path is None:
             raise ExportError(f"{graph_path}: no config.json beside it, so its U-Net cannot be rebuilt")
         with open(config_path, encoding="utf-8") as f:
             config = UNetConfig.from_dict(json.load(f))

@@ -16,8 +16,8 @@ from trainer.export.graphs import (GraphReport, export_afa, export_text_encoder,
                                    export_vae_encoder, text_dim)
 from trainer.export.manifest import FORMAT, FORMAT_VERSION, write_manifest
 from trainer.export.parity import Check
-from trainer.export.shared_weights import DATA_NAME
-from trainer.export.shared_weights import share_weights as share_graph_weights
+from trainer.export.shared_weights import FOLDER as SHARED_FOLDER
+from trainer.export.shared_weights import relayout_package
 from trainer.models.afa import AFAEnsemble
 from trainer.models.fusion import FusionEnsemble
 from trainer.models.text_encoder import CLIPTextEncoder
@@ -90,10 +90,12 @@ def save_package(out_dir: str, tokenizer_dir: str, text_encoder: CLIPTextEncoder
     timestep_int64: ids of experts (or ensembles) whose graph takes timestep int64 [B].
     compact: short intermediate value names (see compact_names), for small graphs.
     vae_encoder: also export the VAE's encoder (vae_encoder/model.onnx), which image-to-image needs.
-    share_weights: an ensemble over the same experts (same order) as an earlier one goes into that one's
-    folder as `<id>.onnx`, and the folder's graphs read one external data file holding each weight once
-    (trainer.export.shared_weights), e.g. an AFA and a fuse graph over the same experts; ensemble graphs
-    then also get compact value names (their structure is megabytes with the exporter's names).
+    share_weights: every expert U-Net and ensemble graph ends up in `unets/<id>.onnx` (an expert's config as
+    `unets/<id>.config.json`), all reading one `unets/weights.onnx_data` holding each weight once
+    (trainer.export.shared_weights.relayout_package, which checks each moved graph's outputs are bit-identical
+    in onnxruntime under `check`): the experts' and the ensembles' copies of the U-Net weights are stored
+    once. Ensemble graphs then also get compact value names (their structure is megabytes with the
+    exporter's names).
     """
     int64_ids = set(timestep_int64)
     fields = dict(manifest_fields)
@@ -154,9 +156,6 @@ def save_package(out_dir: str, tokenizer_dir: str, text_encoder: CLIPTextEncoder
             raise ExportError(f"ensemble {ens_id!r} has {spec.ensemble.num_experts} U-Nets but names "
                               f"{len(spec.experts)} experts")
         rel = f"ensembles/{ens_id}/model.onnx"
-        partner = next((e for e in ensemble_entries if e["experts"] == list(spec.experts)), None)
-        if share_weights and partner is not None:
-            rel = f"{os.path.dirname(partner['graph'])}/{ens_id}.onnx"
         method = ensemble_method(spec.ensemble)
         record(export_afa(spec.ensemble, os.path.join(out_dir, rel), subsets=spec.subsets, name=f"{method} {ens_id}",
                           timestep_dtype="int64" if ens_id in int64_ids else "float32",
@@ -168,16 +167,6 @@ def save_package(out_dir: str, tokenizer_dir: str, text_encoder: CLIPTextEncoder
                  "experts": list(spec.experts), "graph": rel, "subsets": spec.subsets}
         entry.update(extra)
         ensemble_entries.append(entry)
-    folders: Dict[str, List[str]] = {}
-    for entry in ensemble_entries:
-        folders.setdefault(os.path.dirname(entry["graph"]), []).append(os.path.join(out_dir, entry["graph"]))
-    for folder, paths in folders.items():
-        if len(paths) > 1:
-            stats = share_graph_weights(paths, paths)
-            if log:
-                log(f"{folder}: {len(paths)} graphs share {DATA_NAME} ({stats['unique']} distinct of "
-                    f"{stats['tensors']} tensors, {stats['bytes'] / 1e6:.2f} MB)")
-
     manifest: Dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -202,4 +191,8 @@ def save_package(out_dir: str, tokenizer_dir: str, text_encoder: CLIPTextEncoder
     manifest["experts"] = expert_entries
     manifest["ensembles"] = ensemble_entries
     write_manifest(out_dir, manifest)
+    if share_weights:
+        relayout_package(out_dir, SHARED_FOLDER, check=check, log=log)
+        with open(os.path.join(out_dir, "manifest.json"), encoding="utf-8") as f:
+            manifest = json.load(f)
     return PackageResult(manifest=manifest, reports=reports)

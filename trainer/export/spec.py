@@ -1,6 +1,8 @@
 """Packages from trained model folders named in a JSON spec: `python3 -m trainer.export --spec
 package-spec.json --out models/<name> [--fp16] [--check auto|require|off]` (see package_from_spec).
-`python3 -m trainer.export --add-to PKG --method fuse|afa …` adds an ensemble (trainer.export.add_to)."""
+`python3 -m trainer.export --add-to PKG --method fuse|afa …` adds an ensemble (trainer.export.add_to);
+`python3 -m trainer.export --relayout PKG` moves its U-Net-bearing graphs into one folder sharing one
+weights file (trainer.export.shared_weights)."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +13,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from trainer.export import add_to
+from trainer.export import add_to, shared_weights
 from trainer.export.errors import ExportError, ManifestError
 from trainer.export.fp16_compute import add_fp16_variants
 from trainer.export.package import EnsembleSpec, PackageResult, save_package
@@ -80,6 +82,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a == "--add-to" or a.startswith("--add-to=") for a in argv):
         return add_to.main(argv)  # adding an ensemble to an existing package (trainer.export.add_to)
+    if any(a == "--relayout" or a.startswith("--relayout=") for a in argv):
+        return shared_weights.main(argv)  # every U-Net-bearing graph into one folder, one weights file
     parser = argparse.ArgumentParser(description="Export trained models into an ensemble-diffusion model package.")
     parser.add_argument("--spec", required=True, help="JSON spec naming the model folders (see package_from_spec)")
     parser.add_argument("--out", required=True, help="package folder to write (e.g. models/demo)")

@@ -9,6 +9,7 @@ from trainer.demo import build as demo_build
 from trainer.demo import recipe as demo_recipe
 from trainer.demo import shapes, stages
 from trainer.demo.recipe import FAMILY_IDS
+from trainer.export.shared_weights import DATA_NAME
 from trainer.io.model_folders import load_unet
 from trainer.text.bpe import CLIPTokenizer
 
@@ -146,6 +147,13 @@ def test_smoke_build_to_the_package_with_the_evaluation_files(tmp_path):
     manifest = json.load(open(pkg / "manifest.json"))
     assert [e["id"] for e in manifest["experts"]] == list(FAMILY_IDS)
     assert manifest["ensembles"][0]["id"] == "trio" and manifest["latent"]["downsample"] == 2
+    # every U-Net-bearing graph in unets/, reading one weights file (the committed models/demo's layout)
+    assert [e["unet"] for e in manifest["experts"]] == [f"unets/{f}.onnx" for f in FAMILY_IDS]
+    assert {e["id"]: e["graph"] for e in manifest["ensembles"]} == {"trio": "unets/trio.onnx", "fuse": "unets/fuse.onnx"}
+    assert sorted(os.listdir(pkg / "unets")) == sorted(
+        [f"{i}.onnx" for i in (*FAMILY_IDS, "trio", "fuse")] + [f"{f}.config.json" for f in FAMILY_IDS] +
+        [DATA_NAME])
+    assert not (pkg / "experts").exists() and not (pkg / "ensembles").exists()
     for name in ("classifier.onnx", "classifier.json", "build_log.md", "reference_features.json"):
         assert (pkg / "eval" / name).is_file(), name
     reference = json.load(open(pkg / "eval" / "reference_features.json"))

@@ -17,7 +17,7 @@ from trainer.export.fp16 import round_weights_fp16
 from trainer.export.manifest import validate_manifest
 from trainer.export.onnx_io import graph_signature
 from trainer.export.package import EnsembleSpec, save_package
-from trainer.export.shared_weights import DATA_NAME, external_files
+from trainer.export.shared_weights import DATA_NAME, external_files, random_feeds
 from trainer.io import model_folders
 from trainer.models.afa import AFAEnsemble
 from trainer.models.fusion import FusionEnsemble
@@ -273,8 +273,35 @@ def test_save_package_can_share_weights_between_ensembles_over_the_same_experts(
                           {"num_train_timesteps": 1000}, fields, fp16=True, check=False, vae_encoder=False,
                           share_weights=True, log=None)
     graphs = {e["id"]: (e["method"], e["graph"]) for e in result.manifest["ensembles"]}
-    assert graphs == {"duo": ("afa", "ensembles/duo/model.onnx"), "fuse": ("fuse", "ensembles/duo/fuse.onnx")}
-    assert sorted(os.listdir(os.path.join(out, "ensembles"))) == ["duo"]
-    afa, fuse = (external_places(os.path.join(out, "ensembles", "duo", f)) for f in ("model.onnx", "fuse.onnx"))
-    assert len(fuse) >= 10 and fuse <= afa
+    assert graphs == {"duo": ("afa", "unets/duo.onnx"), "fuse": ("fuse", "unets/fuse.onnx")}
+    assert {e["id"]: e["unet"] for e in result.manifest["experts"]} == {"a": "unets/a.onnx", "b": "unets/b.onnx"}
+    assert sorted(os.listdir(os.path.join(out, "unets"))) == ["a.config.json", "a.onnx", "b.config.json", "b.onnx",
+                                                              "duo.onnx", "fuse.onnx", DATA_NAME]
+    assert not os.path.exists(os.path.join(out, "ensembles")) and not os.path.exists(os.path.join(out, "experts"))
+    a, b, afa, fuse = (external_places(os.path.join(out, "unets", f))
+                       for f in ("a.onnx", "b.onnx", "duo.onnx", "fuse.onnx"))
+    assert len(fuse) >= 10 and fuse <= afa and a | b <= afa and len(a) >= 5
     validate_manifest(result.manifest, out)
+    with open(os.path.join(out, "manifest.json"), encoding="utf-8") as f:
+        assert json.load(f) == result.manifest
+
+    # an ensemble added later over the same experts (in another order: no partner ensemble) joins unets/,
+    # the experts' U-Nets read back from unets/<id>.onnx + <id>.config.json; every graph there reads the
+    # rewritten data file and computes what it did
+    check = ort_check.available()
+    before = {}
+    if check:
+        for name in ("a.onnx", "duo.onnx"):
+            path = os.path.join(out, "unets", name)
+            before[name] = (random_feeds(path), shutil.copy(path, str(tmp_path / name)))
+        shutil.copy(os.path.join(out, "unets", DATA_NAME), str(tmp_path / DATA_NAME))
+    entry = add_to.add_fuse(out, ["b", "a"], ens_id="ba", check=check, log=None)
+    assert entry["graph"] == "unets/ba.onnx"
+    assert sorted(os.listdir(os.path.join(out, "unets"))) == ["a.config.json", "a.onnx", "b.config.json", "b.onnx",
+                                                              "ba.onnx", "duo.onnx", "fuse.onnx", DATA_NAME]
+    for name in ("a.onnx", "b.onnx", "ba.onnx", "duo.onnx", "fuse.onnx"):
+        assert external_files(os.path.join(out, "unets", name)) == [DATA_NAME]
+    for name, (feeds, old) in before.items():
+        want, got = ort_check.run_onnx(old, feeds), ort_check.run_onnx(os.path.join(out, "unets", name), feeds)
+        for key in want:
+            assert np.array_equal(want[key], got[key]), (name, key)
