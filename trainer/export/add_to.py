@@ -36,13 +36,14 @@ import torch
 
 from trainer.export.errors import ExportError, ManifestError
 from trainer.export.graph_weights import config_beside, unet_from_graph
-from trainer.export.graphs import GraphReport, export_afa
+from trainer.export.graphs import export_afa
 from trainer.export.manifest import validate_manifest
 from trainer.export.onnx_io import graph_io
 from trainer.export.package import default_title, ensemble_method
 from trainer.export.fp16_compute import add_fp16_variants
 from trainer.export.parity import Check, add_graph_arguments, check_from_arguments
-from trainer.export.shared_weights import DATA_NAME, check_unchanged, external_files, share_weights
+from trainer.export.shared_weights import (DATA_NAME, check_unchanged, external_files, read_manifest, replace_folder,
+                                           share_weights)
 from trainer.io.model_folders import afa_hyperparameters, load_aggregators, load_unet, read_afa_config
 from trainer.models.afa import AFAEnsemble
 from trainer.models.fusion import DEFAULT_TEMPERATURE, FusionEnsemble
@@ -55,14 +56,6 @@ SOURCES = "sources.json"
 # the package as it is
 
 
-def read_manifest(package_dir: str) -> Dict[str, Any]:
-    path = os.path.join(package_dir, "manifest.json")
-    if not os.path.isfile(path):
-        raise ExportError(f"{package_dir} is no model package: it has no manifest.json")
-    with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)
-    validate_manifest(manifest, package_dir)
-    return manifest
 
 
 def graph_ref(ref: Any) -> str:
@@ -179,7 +172,6 @@ def add_ensemble(package_dir: str, ens_id: str, ensemble: AFAEnsemble, experts: 
               if isinstance(e.get("unet"), str) and os.path.dirname(e["unet"]) == folder]
 
     work = tempfile.mkdtemp(prefix=f".add-{ens_id}-", dir=package_dir)
-    moved_old: Optional[str] = None
     target = os.path.join(package_dir, folder)
     try:
         built = os.path.join(work, "built", file)
@@ -219,18 +211,7 @@ def add_ensemble(package_dir: str, ens_id: str, ensemble: AFAEnsemble, experts: 
             ([] if existing is not None else [entry])
         validate_manifest(new_manifest)  # the schema's rules, before anything moves
 
-        if os.path.isdir(target):
-            moved_old = os.path.join(work, "old")
-            os.rename(target, moved_old)
-        os.rename(stage, target)
-        try:
-            _write_manifest_atomically(package_dir, new_manifest)
-        except Exception:
-            shutil.rmtree(target)
-            if moved_old is not None:
-                os.rename(moved_old, target)
-                moved_old = None
-            raise
+        replace_folder(package_dir, stage, target, work, new_manifest)
         if existing is not None and os.path.dirname(graph_ref(existing["graph"])) != folder:
             _remove_unused(package_dir, new_manifest, graph_ref(existing["graph"]))
         if log:
@@ -240,14 +221,6 @@ def add_ensemble(package_dir: str, ens_id: str, ensemble: AFAEnsemble, experts: 
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _write_manifest_atomically(package_dir: str, manifest: Mapping[str, Any]) -> None:
-    validate_manifest(manifest, package_dir)
-    path = os.path.join(package_dir, "manifest.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _remove_unused(package_dir: str, manifest: Mapping[str, Any], old_graph: str) -> None:

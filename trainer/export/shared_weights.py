@@ -170,7 +170,8 @@ def _graph_moves(manifest: Mapping[str, Any]) -> List[Tuple[str, str, str, str]]
     return moves
 
 
-def _read_manifest(package_dir: str) -> Dict[str, Any]:
+def read_manifest(package_dir: str) -> Dict[str, Any]:
+    """A package's manifest.json, validated by the one schema (and its files checked)."""
     path = os.path.join(package_dir, "manifest.json")
     if not os.path.isfile(path):
         raise ExportError(f"{package_dir} is no model package: it has no manifest.json")
@@ -180,7 +181,8 @@ def _read_manifest(package_dir: str) -> Dict[str, Any]:
     return manifest
 
 
-def _write_manifest_atomically(package_dir: str, manifest: Mapping[str, Any]) -> None:
+def write_manifest_atomically(package_dir: str, manifest: Mapping[str, Any]) -> None:
+    """Validates, then replaces manifest.json in one rename."""
     validate_manifest(manifest, package_dir)
     path = os.path.join(package_dir, "manifest.json")
     tmp = path + ".tmp"
@@ -188,6 +190,23 @@ def _write_manifest_atomically(package_dir: str, manifest: Mapping[str, Any]) ->
         json.dump(manifest, f, indent=2, ensure_ascii=False)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def replace_folder(package_dir: str, stage: str, target: str, work: str, manifest: Mapping[str, Any]) -> None:
+    """Moves the staged folder into place (the old one aside into `work`), then writes the manifest;
+    if the manifest cannot be written, the old folder comes back. The caller removes `work`."""
+    moved_old: Optional[str] = None
+    if os.path.isdir(target):
+        moved_old = os.path.join(work, "old")
+        os.rename(target, moved_old)
+    os.rename(stage, target)
+    try:
+        write_manifest_atomically(package_dir, manifest)
+    except Exception:
+        shutil.rmtree(target)
+        if moved_old is not None:
+            os.rename(moved_old, target)
+        raise
 
 
 def _graph_files(package_dir: str, rel: str) -> List[str]:
@@ -206,13 +225,12 @@ def relayout_package(package_dir: str, folder: str = FOLDER, check: Check = "aut
     if os.path.isabs(folder) or ".." in folder.split("/") or not folder.strip("/"):
         raise ExportError(f"--folder must be a folder name inside the package, got {folder!r}")
     folder = folder.strip("/")
-    manifest = _read_manifest(package_dir)
+    manifest = read_manifest(package_dir)
     moves = _graph_moves(manifest)
     if not moves:
         raise ExportError(f"{package_dir} has no expert or ensemble graph to move")
     target = os.path.join(package_dir, folder)
     work = tempfile.mkdtemp(prefix=".relayout-", dir=package_dir)
-    moved_old: Optional[str] = None
     try:
         stage = os.path.join(work, "stage")
         os.makedirs(stage)
@@ -248,18 +266,7 @@ def relayout_package(package_dir: str, folder: str = FOLDER, check: Check = "aut
             entry[key] = f"{folder}/{ident}.onnx"
         validate_manifest(new_manifest)  # the schema's rules, before anything moves
 
-        if os.path.isdir(target):
-            moved_old = os.path.join(work, "old")
-            os.rename(target, moved_old)
-        os.rename(stage, target)
-        try:
-            _write_manifest_atomically(package_dir, new_manifest)
-        except Exception:
-            shutil.rmtree(target)
-            if moved_old is not None:
-                os.rename(moved_old, target)
-                moved_old = None
-            raise
+        replace_folder(package_dir, stage, target, work, new_manifest)
         still_read = set()  # files that graphs outside the folder still read
         for section, key in (("experts", "unet"), ("ensembles", "graph"), ("experts", "text_encoder")):
             for entry in new_manifest.get(section, []) or []:

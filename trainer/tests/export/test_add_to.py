@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from trainer.export import add_to, ort_check
+from trainer.export import add_to, ort_check, shared_weights
 from trainer.export import spec as export_spec
 from trainer.export.errors import ExportError
 from trainer.export.fp16 import round_weights_fp16
@@ -205,7 +205,7 @@ def test_a_failure_leaves_the_package_as_it_was(package, monkeypatch):
     def broken(*args, **kwargs):
         raise ExportError("disk full")
 
-    monkeypatch.setattr(add_to, "_write_manifest_atomically", broken)
+    monkeypatch.setattr(shared_weights, "write_manifest_atomically", broken)
     with pytest.raises(ExportError, match="disk full"):
         add_to.add_fuse(package, ["a", "b"], ens_id="fuse", check=False, log=None)  # after the folder moved
     assert snapshot(package) == before
