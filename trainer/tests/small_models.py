@@ -70,3 +70,12 @@ def clip_ids(*contents: list) -> torch.Tensor:
         row = [CLIP_BOS] + content + [CLIP_EOS]
         rows.append(row + [CLIP_EOS] * (77 - len(row)))
     return torch.tensor(rows, dtype=torch.long)
+
+
+def ensemble_inputs(batch=2, n=3, size=8, seed=0, text_dim=32):
+    """(sample, timestep, per-expert text embeddings [N,B,77,D]) for an ensemble of tiny U-Nets."""
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn(batch, 4, size, size, generator=g)
+    timestep = torch.tensor([37.0, 811.0][:batch])
+    ehs = torch.randn(n, batch, 77, text_dim, generator=g)
+    return sample, timestep, ehs

@@ -7,6 +7,7 @@ import torch
 from trainer.models.afa import (SABW, AFAEnsemble, AFAExport, contribution_map, random_expert_mask,
                                 routing_divergence, routing_targets)
 from trainer.models.unet import UNet2DConditionModel, UNetConfig
+from trainer.tests.small_models import ensemble_inputs
 
 TEXT_DIM = 32
 SMALL = dict(hidden=32, depth=1, heads=4, head_dim=8)
@@ -21,11 +22,7 @@ def make_unets(n, seeds=None):
 
 
 def inputs(batch=2, n=3, size=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    sample = torch.randn(batch, 4, size, size, generator=g)
-    timestep = torch.tensor([37.0, 811.0][:batch])
-    ehs = torch.randn(n, batch, 77, TEXT_DIM, generator=g)
-    return sample, timestep, ehs
+    return ensemble_inputs(batch, n, size, seed, text_dim=TEXT_DIM)
 
 
 def feature_average_reference(unets, sample, timestep, ehs):

@@ -7,6 +7,7 @@ import torch
 from trainer.models.afa import AFAEnsemble, contribution_map
 from trainer.models.fusion import FusionEnsemble, VarianceFusion, fusion_weights, relative_variance
 from trainer.models.unet import UNet2DConditionModel, UNetConfig
+from trainer.tests.small_models import ensemble_inputs
 
 TEXT_DIM = 32
 
@@ -20,11 +21,7 @@ def make_unets(n, seed=100):
 
 
 def inputs(batch=2, n=3, size=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    sample = torch.randn(batch, 4, size, size, generator=g)
-    timestep = torch.tensor([37.0, 811.0][:batch])
-    ehs = torch.randn(n, batch, 77, TEXT_DIM, generator=g)
-    return sample, timestep, ehs
+    return ensemble_inputs(batch, n, size, seed, text_dim=TEXT_DIM)
 
 
 def random_features(batch=2, n=3, channels=8, size=6, seed=1):
