@@ -29,7 +29,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import onnx
 import torch
@@ -37,6 +37,7 @@ import torch
 from trainer.export.errors import ExportError, ManifestError
 from trainer.export.graph_weights import config_beside, unet_from_graph
 from trainer.export.graphs import export_afa
+from trainer.export.large_graph import ExpertWeights, export_afa_streamed
 from trainer.export.manifest import validate_manifest
 from trainer.export.onnx_io import graph_io
 from trainer.export.package import default_title, ensemble_method
@@ -47,7 +48,7 @@ from trainer.export.shared_weights import (DATA_NAME, check_unchanged, external_
 from trainer.io.model_folders import afa_hyperparameters, load_aggregators, load_unet, read_afa_config
 from trainer.models.afa import AFAEnsemble
 from trainer.models.fusion import DEFAULT_TEMPERATURE, FusionEnsemble
-from trainer.models.unet import UNet2DConditionModel
+from trainer.models.unet import UNet2DConditionModel, UNetConfig
 
 SOURCES = "sources.json"
 
@@ -112,6 +113,39 @@ def load_expert_unets(package_dir: str, manifest: Mapping[str, Any], ids: Sequen
     return unets
 
 
+STREAM_ABOVE = 1 << 30  # experts with more float32 bytes are exported tensor by tensor (large_graph)
+
+
+def _config_of(package_dir: str, manifest: Mapping[str, Any], expert_id: str) -> Optional[UNetConfig]:
+    path = config_beside(os.path.join(package_dir, expert_graph(manifest, expert_id)))
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return UNetConfig.from_dict(json.load(f))
+
+
+def streamed_experts(package_dir: str, manifest: Mapping[str, Any], ids: Sequence[str], *,
+                     stream_above: Optional[int] = None, check: Check = "auto",
+                     log=print) -> Optional[Tuple[List[UNet2DConditionModel], ExpertWeights]]:
+    """For experts too large to hold all at once (SD1.5: 3.4 GB of float32 each): U-Nets on the meta
+    device and a callable giving expert i's weights when the export writes them (one expert in memory at
+    a time). None when the experts are small enough to load (or their configs are not in the package)."""
+    if not set(ids) <= {e["id"] for e in manifest["experts"]}:
+        return None  # load_expert_unets names the unknown ones
+    configs = [_config_of(package_dir, manifest, i) for i in ids]
+    if any(c is None for c in configs):
+        return None
+    skeletons = [UNet2DConditionModel(c, device="meta") for c in configs]
+    limit = STREAM_ABOVE if stream_above is None else stream_above
+    if max(4 * sum(p.numel() for p in u.parameters()) for u in skeletons) <= limit:
+        return None
+
+    def weights(i: int) -> Mapping[str, torch.Tensor]:
+        return load_expert_unets(package_dir, manifest, [ids[i]], check=check, log=log)[0].state_dict()
+
+    return skeletons, weights
+
+
 def _graph_options(path: str) -> Dict[str, Any]:
     """fp16 storage, timestep type and attention mask of an expert graph, for the new graph to match."""
     model = onnx.load(path, load_external_data=False)
@@ -129,9 +163,11 @@ def _graph_options(path: str) -> Dict[str, Any]:
 def add_ensemble(package_dir: str, ens_id: str, ensemble: AFAEnsemble, experts: Sequence[str], *,
                  subsets: bool = True, title: Optional[str] = None, description: str = "", force: bool = False,
                  fp16: Optional[bool] = None, check: Check = "auto", share: bool = True,
-                 log=print) -> Dict[str, Any]:
+                 expert_weights: Optional[ExpertWeights] = None, log=print) -> Dict[str, Any]:
     """Exports `ensemble` (AFAEnsemble or FusionEnsemble over `experts`, in the order of its U-Nets) into the
-    package and adds its manifest entry; returns the entry. fp16 None: as the package's expert graphs."""
+    package and adds its manifest entry; returns the entry. fp16 None: as the package's expert graphs.
+    expert_weights: the ensemble's U-Nets are on the meta device and expert_weights(i) gives expert i's
+    weights (streamed_experts): the graph is written tensor by tensor, without a parity run."""
     manifest = read_manifest(package_dir)
     experts = list(experts)
     expert_ids = [e["id"] for e in manifest["experts"]]
@@ -176,8 +212,13 @@ def add_ensemble(package_dir: str, ens_id: str, ensemble: AFAEnsemble, experts: 
     try:
         built = os.path.join(work, "built", file)
         os.makedirs(os.path.dirname(built))
-        report = export_afa(ensemble.eval(), built, subsets=subsets, check=check, name=f"{method} {ens_id}",
-                            **options)
+        if expert_weights is not None:
+            del options["compact"]
+            report = export_afa_streamed(ensemble.eval(), built, expert_weights, subsets=subsets, check=check,
+                                         name=f"{method} {ens_id}", **options)
+        else:
+            report = export_afa(ensemble.eval(), built, subsets=subsets, check=check, name=f"{method} {ens_id}",
+                                **options)
         if log:
             log(report.summary())
         stage = os.path.join(work, "stage")
@@ -196,8 +237,10 @@ def add_ensemble(package_dir: str, ens_id: str, ensemble: AFAEnsemble, experts: 
             for g in group:
                 stale.update(external_files(os.path.join(package_dir, g)))
         else:
-            shutil.move(built, os.path.join(stage, file))
-            keep, stale = {file}, set()
+            data = external_files(built)  # a streamed export's weights (<file>_data)
+            for name in [file] + data:
+                shutil.move(os.path.join(os.path.dirname(built), name), os.path.join(stage, name))
+            keep, stale = {file, *data}, set()
         if os.path.isdir(target):
             for name in os.listdir(target):  # files of the folder the graphs do not replace (not ours)
                 if name not in keep and name not in stale and not (existing and os.path.join(folder, name) ==
@@ -244,14 +287,25 @@ def add_fuse(package_dir: str, experts: Sequence[str], *, ens_id: Optional[str] 
     experts = list(experts)
     if len(experts) < 2 or len(set(experts)) != len(experts):
         raise ExportError(f"--experts needs at least 2 distinct expert ids, got {','.join(experts)}")
-    unets = load_expert_unets(package_dir, manifest, experts, check=check, log=log)
+    unets, weights = _unets(package_dir, manifest, experts, check, log)
     ensemble = FusionEnsemble(unets, temperature=temperature, text=text)
     if description is None:
         description = (f"{', '.join(experts)} fused per pixel by their feature variance, without training "
                        f"(temperature {temperature:g}{', text-weighted' if text else ''})")
     return add_ensemble(package_dir, ens_id or "fuse-" + "-".join(experts), ensemble, experts, subsets=subsets,
                         title=title, description=description, force=force, fp16=fp16, check=check, share=share,
-                        log=log)
+                        expert_weights=weights, log=log)
+
+
+def _unets(package_dir: str, manifest: Mapping[str, Any], ids: Sequence[str], check: Check, log):
+    """(U-Nets, expert_weights or None): loaded, or on the meta device when they are too large (streamed_experts)."""
+    streamed = streamed_experts(package_dir, manifest, ids, check=check, log=log)
+    if streamed is not None:
+        if log:
+            log(f"experts {', '.join(ids)}: too large to hold together; each expert's weights are read when the "
+                f"graph's are written")
+        return streamed
+    return load_expert_unets(package_dir, manifest, ids, check=check, log=log), None
 
 
 def _afa_folder(run_dir: str) -> str:
@@ -277,13 +331,14 @@ def add_afa(package_dir: str, run_dir: str, *, experts: Optional[Sequence[str]] 
     if len(ids) != config.get("num_experts", len(ids)):
         raise ExportError(f"the aggregator was trained on {config['num_experts']} experts, {len(ids)} are named")
     manifest = read_manifest(package_dir)
-    unets = load_expert_unets(package_dir, manifest, ids, check=check, log=log)
-    ensemble = AFAEnsemble(unets, **{k: config[k] for k in ("hidden", "depth", "heads", "head_dim") if k in config})
+    unets, weights = _unets(package_dir, manifest, ids, check, log)
+    ensemble = AFAEnsemble(unets, **{k: config[k] for k in ("hidden", "depth", "heads", "head_dim") if k in config},
+                           device="cpu")
     assert afa_hyperparameters(ensemble)["num_experts"] == len(ids)
     load_aggregators(ensemble, folder)
     return add_ensemble(package_dir, ens_id or "afa-" + "-".join(ids), ensemble.eval(), ids, subsets=subsets,
                         title=title, description=description, force=force, fp16=fp16, check=check, share=share,
-                        log=log)
+                        expert_weights=weights, log=log)
 
 
 # ---------------------------------------------------------------------------------------------

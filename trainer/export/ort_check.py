@@ -118,7 +118,8 @@ def _run(model: str, runs: Sequence[Mapping[str, np.ndarray]], meta: bool, threa
             out_paths.append(out_path)
         proc = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
-            detail = (proc.stderr or proc.stdout).strip().splitlines()
+            lines = (proc.stderr or proc.stdout).strip().splitlines()
+            detail = [line for line in lines if "[W:onnxruntime" not in line] or lines  # warnings hide the error
             raise OrtRunError(f"onnxruntime-node failed on {model}: " + "\n".join(detail[:20]))
         results = [read_tensors(p) for p in out_paths]
         metadata = None

@@ -18,8 +18,8 @@ from torch import Tensor
 from trainer.importer.errors import ImportFailure
 from trainer.importer.weight_files import WeightFile, _Shape, sha256_of
 from trainer.io.ldm_ema import ema_unet_names
-from trainer.io.sd_checkpoint import (LDM_UNET_PREFIX, _diffusers_weight_files, ldm_to_diffusers_unet_state_dict,
-                                      load_unet_weights)
+from trainer.io.sd_checkpoint import (LDM_UNET_PREFIX, _diffusers_weight_files, check_unet_state_dict,
+                                      ldm_to_diffusers_unet_state_dict, load_unet_weights)
 from trainer.io.sd_text_encoder import (HF_PREFIX, OPEN_CLIP_PREFIX, config_from_hf,
                                         diffusers_text_encoder_files, ldm_text_encoder_names)
 from trainer.io.sd_unet_layout import check_ldm_unet, infer_unet_config
@@ -72,8 +72,14 @@ class Checkpoint:
     def unet_config(self, sample_size: Optional[int]) -> UNetConfig:
         raise NotImplementedError
 
-    def unet(self, config: UNetConfig) -> UNet2DConditionModel:
+    def unet_state(self, config: UNetConfig) -> Dict[str, Tensor]:
+        """The U-Net's tensors under diffusers names, as stored (float16 stays float16), checked against
+        `config` (ImportFailure naming what is missing or misshapen)."""
         raise NotImplementedError
+
+    def unet(self, config: UNetConfig) -> UNet2DConditionModel:
+        """The U-Net with its weights (float32): the checkpoint's tensors put into a meta-device model."""
+        return load_unet_weights(UNet2DConditionModel(config, device="meta"), self.unet_state(config)).eval()
 
     def text_encoder_state(self) -> Tuple[Dict[str, Tensor], Optional[TextEncoderConfig]]:
         """(HF-named tensors, the config when the source states one)."""
@@ -103,6 +109,14 @@ def _check_unet_kind(display: str, config: UNetConfig) -> None:
     width = set(config.cross_attention_dims())
     if width == {1024}:
         raise _not_sd1(display, "an SD2.x checkpoint (1024-wide text context)")
+
+
+def _checked(display: str, config: UNetConfig, state: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    try:
+        check_unet_state_dict(UNet2DConditionModel(config, device="meta"), state)
+    except ValueError as e:
+        raise ImportFailure(f"{display}: unet weights: {str(e).splitlines()[0]}") from None
+    return state
 
 
 class SingleFile(Checkpoint):
@@ -142,13 +156,12 @@ class SingleFile(Checkpoint):
     def unet_config(self, sample_size: Optional[int]) -> UNetConfig:
         return UNetConfig(**{**self._config.__dict__, "sample_size": sample_size})
 
-    def unet(self, config: UNetConfig) -> UNet2DConditionModel:
+    def unet_state(self, config: UNetConfig) -> Dict[str, Tensor]:
         raw = self.file.load(self.unet_names.values())
         ldm = {ldm: raw.pop(name) for ldm, name in self.unet_names.items()}
         state = ldm_to_diffusers_unet_state_dict(ldm, config)
         del ldm
-        model = UNet2DConditionModel(config, device="meta")
-        return load_unet_weights(model, state).eval()
+        return _checked(self.display, config, state)
 
     def text_encoder_state(self) -> Tuple[Dict[str, Tensor], Optional[TextEncoderConfig]]:
         raw = self.file.load(self.text_names.values())
@@ -222,11 +235,8 @@ class DiffusersFolder(Checkpoint):
             wf.release()
         return out
 
-    def unet(self, config: UNetConfig) -> UNet2DConditionModel:
-        try:
-            return load_unet_weights(UNet2DConditionModel(config, device="meta"), self._load(self.unet_files)).eval()
-        except ValueError as e:
-            raise ImportFailure(f"{self.display}: unet weights: {str(e).splitlines()[0]}") from None
+    def unet_state(self, config: UNetConfig) -> Dict[str, Tensor]:
+        return _checked(self.display, config, self._load(self.unet_files))
 
     def text_encoder_state(self) -> Tuple[Dict[str, Tensor], Optional[TextEncoderConfig]]:
         state = self._load(self.text_files)

@@ -21,6 +21,7 @@ import torch
 from trainer.export.errors import ExportError, ManifestError
 from trainer.export.fp16_compute import add_fp16_variants
 from trainer.export.graphs import export_text_encoder, export_unet, export_vae_decoder, export_vae_encoder
+from trainer.export.large_graph import export_unet_streamed
 from trainer.export.manifest import FORMAT, FORMAT_VERSION, write_manifest
 from trainer.export.package import architecture_tag
 from trainer.export.parity import Check
@@ -31,7 +32,7 @@ from trainer.importer.naming import expert_ids, title
 from trainer.importer.sources import SOURCES_FILE
 from trainer.io.sd_text_encoder import text_encoder_from_state_dict
 from trainer.io.sd_vae import vae_from_state_dict
-from trainer.models.unet import UNetConfig
+from trainer.models.unet import UNet2DConditionModel, UNetConfig
 
 TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_tokenizer")
 
@@ -67,6 +68,7 @@ class ImportOptions:
     steps: Optional[int] = None
     check: Check = "auto"
     cuda_fp16: bool = False            # also float16-compute variants (model.fp16.onnx) for CUDA (contract C1)
+    stream_above: int = 1 << 30        # U-Nets with more float32 bytes are exported tensor by tensor
 
 
 @dataclass
@@ -150,6 +152,33 @@ def _export_text_encoder(e: _Expert, path: str, opts: ImportOptions, record) -> 
     del state
     e.source.release()
     record(export_text_encoder(model, path, fp16=opts.fp16, check=opts.check))
+
+
+def _fp32_bytes(model: torch.nn.Module) -> int:
+    return 4 * sum(p.numel() for p in model.parameters())
+
+
+def _export_expert_unet(e: _Expert, config: UNetConfig, path: str, opts: ImportOptions, record, log):
+    """Writes expert e's U-Net graph; returns the U-Net (on the meta device when it was streamed).
+
+    A U-Net above opts.stream_above bytes of float32 (SD1.5's: 3.4 GB) is written tensor by tensor from
+    the checkpoint onto a graph traced with placeholder weights (trainer.export.large_graph): held in
+    memory as PyTorch's float32 copy plus the exporter's protobuf, one SD1.5 U-Net needs over 12 GB.
+    Its parity against PyTorch is then not run here (the tests prove the streamed export on small models)."""
+    skeleton = UNet2DConditionModel(config, device="meta")
+    if _fp32_bytes(skeleton) > opts.stream_above:
+        log(f"unet {e.id}: {_fp32_bytes(skeleton) / 1e9:.1f} GB of float32 weights: written tensor by tensor "
+            f"from the checkpoint")
+        try:
+            record(export_unet_streamed(skeleton, path, lambda: e.source.unet_state(config), name=f"unet {e.id}",
+                                        fp16=opts.fp16, check=opts.check))
+        finally:
+            e.source.release()
+        return skeleton
+    unet = e.source.unet(config)
+    e.source.release()
+    record(export_unet(unet, path, name=f"unet {e.id}", fp16=opts.fp16, check=opts.check))
+    return unet
 
 
 def _vae(opts: ImportOptions, experts: List[_Expert], log):
@@ -245,11 +274,8 @@ def _write(staging: str, opts: ImportOptions, experts: List[_Expert], parts: Dic
         sources: Dict[str, Any] = {}
         for e in experts:
             config = e.source.unet_config(sample_size)
-            unet = e.source.unet(config)
-            e.source.release()
             rel = f"experts/{e.id}/unet/model.onnx"
-            record(export_unet(unet, os.path.join(staging, rel), name=f"unet {e.id}", fp16=opts.fp16,
-                               check=opts.check))
+            unet = _export_expert_unet(e, config, os.path.join(staging, rel), opts, record, log)
             _write_json(os.path.join(staging, "experts", e.id, "unet", "config.json"), config.to_dict())
             entry = {"id": e.id, "title": title(e.source.stem),
                      "description": f"imported from {e.source.display}" + (" (EMA weights)" if getattr(

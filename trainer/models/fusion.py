@@ -56,7 +56,10 @@ def fusion_weights(features: Tensor, temperature: float, mask: Optional[Tensor] 
     score = relative_variance(features)
     if text_scores is not None:
         score = score * text_scores.float()
-    logits = ((score + EPS).log() / temperature).clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
+    logits = (score + EPS).log() / temperature
+    # minimum/maximum, not clamp: the exporter's Clip needs the input's type, which the weightless trace
+    # of large graphs (trainer.export.large_graph: no ONNX shape inference) does not know
+    logits = torch.minimum(torch.maximum(logits, logits.new_tensor(-LOGIT_LIMIT)), logits.new_tensor(LOGIT_LIMIT))
     if mask is not None:
         logits = torch.where(mask[:, :, None, None] > 0, logits, torch.full_like(logits, ABSENT_LOGIT))
     return logits.softmax(dim=1).to(features.dtype)

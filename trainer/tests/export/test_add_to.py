@@ -305,3 +305,45 @@ def test_save_package_can_share_weights_between_ensembles_over_the_same_experts(
         want, got = ort_check.run_onnx(old, feeds), ort_check.run_onnx(os.path.join(out, "unets", name), feeds)
         for key in want:
             assert np.array_equal(want[key], got[key]), (name, key)
+
+
+def test_experts_too_large_to_hold_together_are_streamed_one_at_a_time(made, package, tmp_path, monkeypatch,
+                                                                       capsys):
+    """Above STREAM_ABOVE (1 GiB of float32 per expert: SD1.5's), the ensemble is built on meta-device U-Nets
+    and each expert's weights are read only while the graph's are written (large_graph): same result."""
+    monkeypatch.setattr(add_to, "STREAM_ABOVE", 0)
+    loaded = []
+    real_load = add_to.load_expert_unets
+
+    def load_expert_unets(package_dir, m, ids, **kwargs):
+        loaded.append(list(ids))
+        return real_load(package_dir, m, ids, **kwargs)
+
+    monkeypatch.setattr(add_to, "load_expert_unets", load_expert_unets)
+    run = tmp_path / "run"
+    trained = AFAEnsemble([made["experts"]["b"], made["experts"]["c"]], hidden=8, depth=1, heads=2, head_dim=4)
+    torch.manual_seed(9)
+    for sabw in trained.aggregators:
+        torch.nn.init.normal_(sabw.to_logits.weight, std=0.5)
+    model_folders.save_aggregators(trained, run / "final" / "afa", {"expert_ids": ["b", "c"]})
+    assert export_spec.main(["--add-to", package, "--method", "afa", "--aggregator", str(run), "--id", "bc",
+                             "--subsets"]) == 0
+    assert "too large to hold together" in capsys.readouterr().out
+    assert loaded == [["b"], ["c"]]  # one expert at a time, while the weights are written
+    entry = manifest(package)["ensembles"][-1]
+    validate_manifest(manifest(package), package)
+    fuse = add_to.add_fuse(package, ["a", "b", "c"], ens_id="fuse3", check=False, log=None)
+    ort_check.skip_unless_available()
+    f = feeds(2, seed=5)
+    rounded = copy.deepcopy(trained)
+    rounded.unets = torch.nn.ModuleList([round_weights_fp16(u) for u in trained.unets])
+    rounded.aggregators = round_weights_fp16(trained.aggregators)
+    want_out, want_maps = torch_run(rounded.eval(), f)
+    got = ort_check.run_onnx(os.path.join(package, entry["graph"]), f)
+    np.testing.assert_allclose(got["out_sample"], want_out, atol=1e-4)
+    np.testing.assert_allclose(got["contributions"], want_maps, atol=1e-5)
+    f3 = feeds(3, seed=6)
+    experts = [round_weights_fp16(made["experts"][e]) for e in ("a", "b", "c")]
+    want_out, _ = torch_run(FusionEnsemble(experts).eval(), f3)
+    np.testing.assert_allclose(ort_check.run_onnx(os.path.join(package, fuse["graph"]), f3)["out_sample"], want_out,
+                               atol=1e-4)

@@ -331,3 +331,33 @@ def test_one_unet_at_a_time(checkpoints, tmp_path, monkeypatch):
     inputs = [paths[n] for n in ("alpha.safetensors", "beta_fp32.safetensors", "gamma-pruned-emaonly.safetensors")]
     import_checkpoints(ImportOptions(out=str(tmp_path / "p"), inputs=inputs, size=32, check=False), log=lambda l: None)
     assert len(unets) == 3
+
+
+def test_large_unets_are_streamed_from_the_checkpoint_and_compute_the_same(imported, checkpoints, tmp_path):
+    """stream_above=0 takes the path of SD1.5-size U-Nets (written tensor by tensor from the file onto a
+    graph traced without weights): every expert's graph gives what the in-memory export gives."""
+    import numpy as np
+    from trainer.export import ort_check
+    ort_check.skip_unless_available()
+    _, paths = checkpoints
+    out = tmp_path / "streamed"
+    lines = []
+    import_checkpoints(ImportOptions(out=str(out), inputs=[paths[name] for name in SET], size=32, check=False,
+                                     stream_above=0), log=lines.append)
+    assert sum("written tensor by tensor" in line for line in lines) == len(SET)
+    normal, _ = imported
+    want_manifest = json.loads((normal / "manifest.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["experts"] == want_manifest["experts"]
+    g = torch.Generator().manual_seed(3)
+    width = UNetConfig.from_dict(json.loads((out / "experts" / "alpha" / "unet" / "config.json").read_text())) \
+        .cross_attention_dims()[0]
+    feeds = [{"sample": torch.randn(2, 4, 6, 4, generator=g).numpy(),
+              "timestep": np.array([901.0, 7.0], dtype=np.float32),
+              "encoder_hidden_states": torch.randn(2, 77, width, generator=g).numpy()}]
+    for expert in manifest["experts"]:
+        assert (out / expert["unet"]).with_name("model.onnx_data").is_file()
+        want = ort_check.run_onnx_many(str(normal / expert["unet"]), feeds)[0]["out_sample"]
+        got = ort_check.run_onnx_many(str(out / expert["unet"]), feeds)[0]["out_sample"]
+        assert np.std(want) > 1e-3
+        assert np.max(np.abs(got - want)) <= 2e-5, expert["id"]
