@@ -7,9 +7,9 @@
 //  3. measures each mode in a fresh process (bench/sd15-mode.ts) — single (each expert, then the first
 //     again with the optimized-graph cache warm), average, merge (twice: building, then cached) — and
 //     the PyTorch fp32 U-Net on the same weights and thread count;
-//  4. adds a 3-expert AFA ensemble with a random-initialised aggregator (hidden 128, depth 2) through
-//     trainer.export.large_graph, which holds one expert's weights at a time (trainer.fixture.sd15_bench),
-//     and measures afa (twice);
+//  4. adds a 3-expert AFA ensemble with a random-initialised aggregator (hidden 128, depth 2) with
+//     `python3 -m trainer.export --add-to` (users' command; at this size it streams one expert's weights
+//     at a time through trainer.export.large_graph), and measures afa (twice);
 //  5. prints load s, ms per guided step, peak RSS and file sizes per mode, afa_over_singles and
 //     torch_over_engine against their targets, and (with --json) one JSON line at the end.
 // Everything lives in $SD15_BENCH_DIR (default ~/.cache/ensemble-diffusion/sd15-bench), the engine's
@@ -34,7 +34,6 @@ const { values } = parseArgs({
     depth: { type: 'string', default: '2' },
     modes: { type: 'string', default: 'single,average,merge,afa' },
     cold: { type: 'boolean' },
-    'afa-fp16': { type: 'boolean' },
     'no-torch': { type: 'boolean' },
   },
 });
@@ -147,19 +146,22 @@ if (!values['no-torch']) {
   log(`  ${f(torchRun!.step_ms, 0)} ms/step`);
 }
 
-// 5. The AFA ensemble (large_graph: one expert's weights at a time)
+// 5. The AFA ensemble, added as users add a trained one (`trainer.export --add-to`, which at this size holds
+//    one expert's weights at a time): here a random-initialised aggregator saved as a training run saves it
 const ensembleId = `afa${nExperts}`;
 let afaExport: { seconds: number; peak_rss_mb: number | null; bytes: number } | null = null;
-const hasAfa = () => (readManifest().ensembles ?? []).some((e) => e.id === ensembleId && typeof e.graph === 'string' && existsSync(path.join(packageDir, e.graph)));
-if (modes.has('afa') && (importRun !== null || !hasAfa())) {
+const ensembleGraph = () => (readManifest().ensembles ?? []).find((e) => e.id === ensembleId && typeof e.graph === 'string' && existsSync(path.join(packageDir, e.graph)))?.graph as string | undefined;
+if (modes.has('afa') && (importRun !== null || !ensembleGraph())) {
   log(`exporting the AFA ensemble ${ensembleId} (hidden ${values.hidden}, depth ${values.depth}) …`);
-  const args = ['-m', 'trainer.fixture.sd15_bench', 'add-afa', '--package', packageDir, '--id', ensembleId, '--hidden', values.hidden!, '--depth', values.depth!];
-  if (values['afa-fp16']) args.push('--fp16');
+  const runDir = path.join(root, `aggregator-${config}-${nExperts}-h${values.hidden}-d${values.depth}`);
+  const made = await runMeasured(py, ['-m', 'trainer.fixture.sd15_bench', 'aggregator', '--package', packageDir, '--out', runDir, '--experts', ids.join(','), '--hidden', values.hidden!, '--depth', values.depth!], { env: pyEnv, cwd: REPO });
+  lastJsonLine(made, 'the random aggregator');
+  const args = ['-m', 'trainer.export', '--add-to', packageDir, '--method', 'afa', '--aggregator', runDir, '--id', ensembleId, '--subsets', '--force', '--check', 'off'];
   const run = await runMeasured(py, args, { env: pyEnv, nice: 10, echo, cwd: REPO });
-  const out = lastJsonLine<{ bytes: number; seconds: number }>(run, 'the AFA export');
-  afaExport = { seconds: run.seconds, peak_rss_mb: run.peakRssMb, bytes: out.bytes };
+  if (run.status !== 0) throw new Error(`--add-to failed: ${run.stderr.trim().split('\n').pop()}`);
+  afaExport = { seconds: run.seconds, peak_rss_mb: run.peakRssMb, bytes: bytesOf(path.join(packageDir, ensembleGraph()!)) };
   appendFileSync(progress, JSON.stringify({ key: 'afa_export', ...afaExport }) + '\n');
-  log(`AFA graph: ${f(mb(out.bytes), 0)} MB in ${f(run.seconds)} s, peak RSS ${f(run.peakRssMb, 0)} MB`);
+  log(`AFA graph: ${f(mb(afaExport.bytes), 0)} MB in ${f(run.seconds)} s, peak RSS ${f(run.peakRssMb, 0)} MB`);
 }
 if (modes.has('afa')) {
   runs.afa = await runMode('afa', ['--mode', 'afa', '--ensemble', ensembleId]);

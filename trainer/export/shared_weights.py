@@ -199,6 +199,9 @@ def replace_folder(package_dir: str, stage: str, target: str, work: str, manifes
     if os.path.isdir(target):
         moved_old = os.path.join(work, "old")
         os.rename(target, moved_old)
+    parent = os.path.dirname(os.path.abspath(target))
+    made_parent = not os.path.isdir(parent)  # e.g. the first ensemble of an imported package: no ensembles/ yet
+    os.makedirs(parent, exist_ok=True)
     os.rename(stage, target)
     try:
         write_manifest_atomically(package_dir, manifest)
@@ -206,6 +209,8 @@ def replace_folder(package_dir: str, stage: str, target: str, work: str, manifes
         shutil.rmtree(target)
         if moved_old is not None:
             os.rename(moved_old, target)
+        elif made_parent:
+            os.rmdir(parent)
         raise
 
 

@@ -361,3 +361,19 @@ def test_large_unets_are_streamed_from_the_checkpoint_and_compute_the_same(impor
         got = ort_check.run_onnx_many(str(out / expert["unet"]), feeds)[0]["out_sample"]
         assert np.std(want) > 1e-3
         assert np.max(np.abs(got - want)) <= 2e-5, expert["id"]
+
+
+def test_an_imported_package_takes_an_ensemble_with_add_to(imported, tmp_path):
+    """The README's path: import, then `trainer.export --add-to` (the package has no ensembles/ folder yet)."""
+    from trainer.export import spec as export_spec
+    from trainer.export.manifest import validate_manifest
+    out, _ = imported
+    package = tmp_path / "mine"
+    shutil.copytree(out, package)
+    assert not (package / "ensembles").exists()
+    assert export_spec.main(["--add-to", str(package), "--method", "fuse", "--experts", "alpha,delta",
+                             "--check", "off"]) == 0
+    manifest = json.loads((package / "manifest.json").read_text())
+    validate_manifest(manifest, str(package))
+    entry = manifest["ensembles"][-1]
+    assert entry["experts"] == ["alpha", "delta"] and (package / entry["graph"]).is_file()
