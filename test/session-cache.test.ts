@@ -5,6 +5,7 @@ import { copyFile, mkdtemp, readdir, readFile, rm, stat, utimes, writeFile } fro
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import ort from 'onnxruntime-node';
 import { packageCacheDir } from '../src/engine/cache-dir.ts';
 import { ModelPackage } from '../src/engine/model-package.ts';
 import { GraphSession, type FloatTensor } from '../src/engine/onnx-session.ts';
@@ -140,6 +141,36 @@ describe('optimized-graph cache', () => {
     assert.notEqual(await key(), second);
     assert.equal(path.dirname(second), cache);
     await rm(path.join(dir, 'experts/beta/unet/weights.onnx_data'));
+  });
+
+  test('a graph whose optimized form onnxruntime cannot reopen is recorded as uncacheable and opened directly', async () => {
+    // The tiny fixture's text encoder (an older export) has an If node; the optimized graph ORT saves
+    // from it repeats an initializer's name in the If branch, and ORT refuses to load that file.
+    const textEncoder = path.join(dir, 'text_encoder/model.onnx');
+    const ids = BigInt64Array.from({ length: 77 }, (_, i) => BigInt((i * 37) % 599)); // the tiny vocabulary: 600
+    const encode = async (s: GraphSession) => (await s.session.run({ input_ids: new ort.Tensor('int64', ids, [1, 77]) })).last_hidden_state.data as Float32Array;
+    const plain = await GraphSession.open(textEncoder, { executionProvider: 'cpu' });
+    const want = await encode(plain);
+    await plain.release();
+    const before = new Set(await entries());
+    const first = await GraphSession.open(textEncoder, options());
+    assert.equal(first.cacheOutcome, 'uncacheable');
+    assert.deepEqual(await encode(first), want);
+    await first.release();
+    const added = (await entries()).filter((e) => !before.has(e));
+    assert.equal(added.length, 1);
+    assert.deepEqual(await readdir(path.join(cache, added[0])), ['entry.json']); // no 500 MB that cannot be used
+    const meta = JSON.parse(await readFile(path.join(cache, added[0], 'entry.json'), 'utf8'));
+    assert.match(meta.uncacheable, /initializer name is not unique|invalid model/i);
+    let optimized = 0;
+    const counting = async (file: string, opts: Parameters<typeof createSession>[1]) => {
+      if (opts.optimizedModelFilePath) optimized++;
+      return createSession(file, opts, { executionProvider: 'cpu' }, file);
+    };
+    const again = await openThroughCache(textEncoder, ortSessionOptions({ executionProvider: 'cpu' }), cache, counting);
+    assert.equal(again.outcome, 'uncacheable');
+    assert.equal(optimized, 0); // no second attempt to cache it
+    await again.session.release();
   });
 
   test('ModelPackage keeps its graphs in the package cache folder on the CPU, only past the size threshold', async () => {

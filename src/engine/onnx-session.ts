@@ -5,7 +5,7 @@ import { EngineError } from './api.ts';
 import { checkCudaLibraries, describeMissing, explainCudaFailure, type CudaLibraryReport } from './cuda-libraries.ts';
 import { float16ToFloat32, float32ToFloat16 } from './float16.ts';
 import type { Precision } from './manifest.ts';
-import { graphFiles, openThroughCache } from './session-cache.ts';
+import { graphFiles, openThroughCache, type CachedOpen } from './session-cache.ts';
 
 export type ExecutionProvider = 'cpu' | 'cuda';
 
@@ -115,7 +115,7 @@ export class GraphSession {
   runMs = 0;
   runs = 0;
   /** How the optimized-graph cache served this session; undefined: not through the cache. */
-  cacheOutcome: 'hit' | 'written' | 'rebuilt' | undefined;
+  cacheOutcome: CachedOpen['outcome'] | undefined;
 
   private constructor(
     readonly file: string,

@@ -33,8 +33,12 @@ export interface CacheKeyParts {
 
 export interface CachedOpen {
   session: ort.InferenceSession;
-  /** "hit": opened from the cache; "written": optimized from the graph and stored; "rebuilt": a broken entry was replaced. */
-  outcome: 'hit' | 'written' | 'rebuilt';
+  /**
+   * "hit": opened from the cache; "written": optimized from the graph and stored; "rebuilt": a broken
+   * entry was replaced; "uncacheable": onnxruntime cannot reopen what it saves of this graph (the entry
+   * records that), so the graph itself was opened.
+   */
+  outcome: 'hit' | 'written' | 'rebuilt' | 'uncacheable';
   entry: string;
 }
 
@@ -90,16 +94,32 @@ function graphTag(graph: string): string {
   return `${readable}-${hash(graph, 8)}`;
 }
 
-async function validEntry(dir: string, key: CacheKeyParts): Promise<boolean> {
+/** 'valid', 'uncacheable' (an entry that records onnxruntime could not reopen its optimized graph) or 'invalid'. */
+async function entryState(dir: string, key: CacheKeyParts): Promise<'valid' | 'uncacheable' | 'invalid'> {
   try {
-    const meta = JSON.parse(await readFile(path.join(dir, ENTRY_META), 'utf8')) as { key: unknown; files: Record<string, number> };
-    if (JSON.stringify(meta.key) !== JSON.stringify(key)) return false;
-    for (const [name, bytes] of Object.entries(meta.files)) {
-      if ((await stat(path.join(dir, name))).size !== bytes) return false;
+    const meta = JSON.parse(await readFile(path.join(dir, ENTRY_META), 'utf8')) as { key: unknown; files?: Record<string, number>; uncacheable?: string };
+    if (JSON.stringify(meta.key) !== JSON.stringify(key)) return 'invalid';
+    if (typeof meta.uncacheable === 'string') return 'uncacheable';
+    for (const [name, bytes] of Object.entries(meta.files ?? {})) {
+      if ((await stat(path.join(dir, name))).size !== bytes) return 'invalid';
     }
-    return meta.files[ENTRY_MODEL] !== undefined;
+    return meta.files?.[ENTRY_MODEL] !== undefined ? 'valid' : 'invalid';
   } catch {
-    return false;
+    return 'invalid';
+  }
+}
+
+/** Replaces the entry by one that only records why the graph is not cached (the key keeps it current). */
+async function markUncacheable(dir: string, key: CacheKeyParts, reason: string): Promise<void> {
+  const tmp = `${dir}.tmp-${process.pid}-${Math.random().toString(36).slice(2, 10)}`;
+  try {
+    await rm(dir, { recursive: true, force: true });
+    await mkdir(tmp, { recursive: true });
+    await writeFile(path.join(tmp, ENTRY_META), `${JSON.stringify({ key, uncacheable: reason.split('\n')[0] }, null, 2)}\n`);
+    await removeOlderEntries(path.dirname(dir), path.basename(dir));
+    await rename(tmp, dir);
+  } catch {
+    await rm(tmp, { recursive: true, force: true });
   }
 }
 
@@ -123,7 +143,9 @@ export async function openThroughCache(
   const dir = entryDir(cacheDir, key);
   const fromEntry = () => create(path.join(dir, ENTRY_MODEL), { ...options, graphOptimizationLevel: 'disabled' });
   let outcome: CachedOpen['outcome'] = 'written';
-  if (await validEntry(dir, key)) {
+  const state = await entryState(dir, key);
+  if (state === 'uncacheable') return { session: await create(graph, options), outcome: 'uncacheable', entry: dir };
+  if (state === 'valid') {
     try {
       return { session: await fromEntry(), outcome: 'hit', entry: dir };
     } catch {
@@ -138,8 +160,11 @@ export async function openThroughCache(
     if (stored) {
       try {
         return { session: await fromEntry(), outcome, entry: dir };
-      } catch {
-        await rm(dir, { recursive: true, force: true });
+      } catch (err) {
+        // onnxruntime wrote an optimized graph it cannot load (e.g. an If branch that repeats an
+        // initializer's name): remember that, or every open would optimize the graph three times
+        await markUncacheable(dir, key, err instanceof Error ? err.message : String(err));
+        return { session: await create(graph, options), outcome: 'uncacheable', entry: dir };
       }
     }
   }

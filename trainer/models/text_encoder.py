@@ -168,7 +168,9 @@ class CLIPTextTransformer(nn.Module):
         last_hidden_state = self.final_layer_norm(hidden)
         eos_index = first_eos_index(input_ids, self.config.eos_token_id)
         gather_index = eos_index[:, None, None].expand(-1, 1, last_hidden_state.shape[-1])
-        pooler_output = torch.gather(last_hidden_state, 1, gather_index).squeeze(1)
+        # [:, 0], not squeeze(1): the exporter writes a dynamic squeeze as an If node, and onnxruntime cannot
+        # reopen the optimized graph it saves from one (its If branch repeats a main-graph initializer's name)
+        pooler_output = torch.gather(last_hidden_state, 1, gather_index)[:, 0]
         return last_hidden_state, pooler_output
 
 
