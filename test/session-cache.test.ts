@@ -173,6 +173,33 @@ describe('optimized-graph cache', () => {
     await again.session.release();
   });
 
+  test('a merged U-Net is optimized once, into its merged folder (pruning the merge removes it)', async () => {
+    const root = await mkdtemp(path.join(os.tmpdir(), 'engine-cache-'));
+    const saved = process.env.ENGINE_CACHE_DIR;
+    process.env.ENGINE_CACHE_DIR = root;
+    try {
+      const open = async () => {
+        const pkg = await ModelPackage.load(dir, { optimizedCacheMinBytes: 0 });
+        const session = await pkg.mergedUnet([pkg.expert('alpha'), pkg.expert('beta')], [0.5, 0.5]);
+        const result = { outcome: session.cacheOutcome, file: session.file, out: await runUnet(session) };
+        await pkg.dispose();
+        return result;
+      };
+      const first = await open();
+      assert.equal(first.outcome, 'written');
+      const merged = path.dirname(first.file);
+      assert.ok(merged.startsWith(packageCacheDir(dir, 'merged')), merged);
+      assert.equal((await readdir(path.join(merged, 'optimized'))).length, 1);
+      const second = await open();
+      assert.equal(second.outcome, 'hit');
+      assert.deepEqual(second.out, first.out);
+    } finally {
+      if (saved === undefined) delete process.env.ENGINE_CACHE_DIR;
+      else process.env.ENGINE_CACHE_DIR = saved;
+      await rm(root, { recursive: true, force: true });
+    }
+  });
+
   test('ModelPackage keeps its graphs in the package cache folder on the CPU, only past the size threshold', async () => {
     const root = await mkdtemp(path.join(os.tmpdir(), 'engine-cache-'));
     const saved = process.env.ENGINE_CACHE_DIR;

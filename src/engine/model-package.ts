@@ -1,4 +1,5 @@
 import { readFile } from 'node:fs/promises';
+import path from 'node:path';
 import type { PackageInfo, SchedulerName } from './api.ts';
 import { EngineError } from './api.ts';
 import { packageCacheDir } from './cache-dir.ts';
@@ -184,7 +185,9 @@ export class ModelPackage {
     const build = (async () => {
       const graphs = experts.map((e) => ({ label: `expert "${e.id}" (${e.unet})`, file: e.unet }));
       const file = await mergedGraph(this.manifest.dir, graphs, weights);
-      return GraphSession.open(file, this.options);
+      // its optimized graph lives in the merged graph's own folder, so pruning the merge removes it too
+      const optimizedCacheDir = this.optimizedCacheDir && path.join(path.dirname(file), 'optimized');
+      return GraphSession.open(file, { ...this.options, optimizedCacheDir });
     })();
     this.merged.set(key, build);
     build.catch(() => this.merged.delete(key));

@@ -59,12 +59,14 @@ export async function graphFiles(graph: string): Promise<{ name: string; size: n
   const dir = path.dirname(graph);
   const base = path.basename(graph);
   const names = (await readdir(dir)).filter((n) => n === base || !/\.(onnx|json|txt|md)$/i.test(n)).sort();
-  return Promise.all(
+  const files = await Promise.all(
     names.map(async (name) => {
       const s = await stat(path.join(dir, name));
-      return { name, size: s.size, mtimeMs: Math.round(s.mtimeMs) };
+      return { name, size: s.size, mtimeMs: Math.round(s.mtimeMs), file: s.isFile() };
     }),
   );
+  // folders are not external data (a merged graph keeps its optimized entry in a folder beside it)
+  return files.filter((f) => f.file).map(({ name, size, mtimeMs }) => ({ name, size, mtimeMs }));
 }
 
 export async function cacheKeyParts(
