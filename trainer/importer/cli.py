@@ -53,7 +53,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"import failed: {e}", file=sys.stderr)
         return 1
     except MemoryError:
-        print("import failed: out of memory (an SD1.5 U-Net needs about 10 GB while it is exported)", file=sys.stderr)
+        print("import failed: out of memory (importing SD1.5 checkpoints needs about 4 GB free)", file=sys.stderr)
         return 1
     except OSError as e:
         print(f"import failed: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)

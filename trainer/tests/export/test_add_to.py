@@ -110,6 +110,28 @@ def torch_run(module, f):
     return out.numpy(), contribution_map(weights, f["sample"].shape[-2:]).numpy()
 
 
+def trained_run(made, run):
+    """An AFA ensemble over experts b and c with non-trivial aggregators, saved as a training run saves it."""
+    trained = AFAEnsemble([made["experts"]["b"], made["experts"]["c"]], hidden=8, depth=1, heads=2, head_dim=4)
+    torch.manual_seed(9)
+    for sabw in trained.aggregators:
+        torch.nn.init.normal_(sabw.to_logits.weight, std=0.5)
+    model_folders.save_aggregators(trained, run / "final" / "afa", {"expert_ids": ["b", "c"]})
+    return trained
+
+
+def assert_computes(graph, trained):
+    """The graph gives the float16-stored ensemble's outputs and contribution maps."""
+    f = feeds(2, seed=5)
+    rounded = copy.deepcopy(trained)
+    rounded.unets = torch.nn.ModuleList([round_weights_fp16(u) for u in trained.unets])
+    rounded.aggregators = round_weights_fp16(trained.aggregators)
+    want_out, want_maps = torch_run(rounded.eval(), f)
+    got = ort_check.run_onnx(graph, f)
+    np.testing.assert_allclose(got["out_sample"], want_out, atol=1e-4)
+    np.testing.assert_allclose(got["contributions"], want_maps, atol=1e-5)
+
+
 def test_add_fuse_writes_a_valid_manifest_and_a_graph_that_computes_the_fusion(made, package):
     before = snapshot(package)
     entry = add_to.add_fuse(package, ["a", "b", "c"], ens_id="fuse3", temperature=0.7, check="auto", log=None)
@@ -214,11 +236,7 @@ def test_a_failure_leaves_the_package_as_it_was(package, monkeypatch):
 
 def test_cli_adds_a_trained_afa_aggregator(made, package, tmp_path):
     run = tmp_path / "run"
-    trained = AFAEnsemble([made["experts"]["b"], made["experts"]["c"]], hidden=8, depth=1, heads=2, head_dim=4)
-    torch.manual_seed(9)
-    for sabw in trained.aggregators:
-        torch.nn.init.normal_(sabw.to_logits.weight, std=0.5)
-    model_folders.save_aggregators(trained, run / "final" / "afa", {"expert_ids": ["b", "c"]})
+    trained = trained_run(made, run)
     assert export_spec.main(["--add-to", package, "--method", "afa", "--aggregator", str(run), "--id", "bc",
                              "--title", "B+C (AFA)", "--subsets"]) == 0
     entry = manifest(package)["ensembles"][-1]
@@ -226,14 +244,7 @@ def test_cli_adds_a_trained_afa_aggregator(made, package, tmp_path):
     assert entry["graph"] == "ensembles/bc/model.onnx" and entry["subsets"] is True
     validate_manifest(manifest(package), package)
     ort_check.skip_unless_available()
-    f = feeds(2, seed=5)
-    rounded = copy.deepcopy(trained)
-    rounded.unets = torch.nn.ModuleList([round_weights_fp16(u) for u in trained.unets])
-    rounded.aggregators = round_weights_fp16(trained.aggregators)
-    want_out, want_maps = torch_run(rounded.eval(), f)
-    got = ort_check.run_onnx(os.path.join(package, entry["graph"]), f)
-    np.testing.assert_allclose(got["out_sample"], want_out, atol=1e-4)
-    np.testing.assert_allclose(got["contributions"], want_maps, atol=1e-5)
+    assert_computes(os.path.join(package, entry["graph"]), trained)
 
 
 def test_experts_listed_in_sources_json_are_loaded_from_their_files(made, package, tmp_path):
@@ -321,11 +332,7 @@ def test_experts_too_large_to_hold_together_are_streamed_one_at_a_time(made, pac
 
     monkeypatch.setattr(add_to, "load_expert_unets", load_expert_unets)
     run = tmp_path / "run"
-    trained = AFAEnsemble([made["experts"]["b"], made["experts"]["c"]], hidden=8, depth=1, heads=2, head_dim=4)
-    torch.manual_seed(9)
-    for sabw in trained.aggregators:
-        torch.nn.init.normal_(sabw.to_logits.weight, std=0.5)
-    model_folders.save_aggregators(trained, run / "final" / "afa", {"expert_ids": ["b", "c"]})
+    trained = trained_run(made, run)
     assert export_spec.main(["--add-to", package, "--method", "afa", "--aggregator", str(run), "--id", "bc",
                              "--subsets"]) == 0
     assert "too large to hold together" in capsys.readouterr().out
@@ -334,14 +341,7 @@ def test_experts_too_large_to_hold_together_are_streamed_one_at_a_time(made, pac
     validate_manifest(manifest(package), package)
     fuse = add_to.add_fuse(package, ["a", "b", "c"], ens_id="fuse3", check=False, log=None)
     ort_check.skip_unless_available()
-    f = feeds(2, seed=5)
-    rounded = copy.deepcopy(trained)
-    rounded.unets = torch.nn.ModuleList([round_weights_fp16(u) for u in trained.unets])
-    rounded.aggregators = round_weights_fp16(trained.aggregators)
-    want_out, want_maps = torch_run(rounded.eval(), f)
-    got = ort_check.run_onnx(os.path.join(package, entry["graph"]), f)
-    np.testing.assert_allclose(got["out_sample"], want_out, atol=1e-4)
-    np.testing.assert_allclose(got["contributions"], want_maps, atol=1e-5)
+    assert_computes(os.path.join(package, entry["graph"]), trained)
     f3 = feeds(3, seed=6)
     experts = [round_weights_fp16(made["experts"][e]) for e in ("a", "b", "c")]
     want_out, _ = torch_run(FusionEnsemble(experts).eval(), f3)
