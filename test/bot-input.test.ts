@@ -7,25 +7,12 @@ import { buildImagineRequest, findBlockedWord } from '../src/bot/imagine-request
 import { modelSuggestions, resolveModelChoice } from '../src/bot/model-choice.ts';
 import { commands } from '../src/bot/commands/index.ts';
 import { commandLimitProblems } from '../src/bot/deploy-commands.ts';
+import { shapesInfo, TRIO } from './helpers/package-info.ts';
 
-const INFO: PackageInfo = {
-  name: 'demo',
-  version: '1.0.0',
-  description: 'shapes',
-  experts: [
-    { id: 'curves', title: 'Curves', description: 'circles and rings' },
-    { id: 'blocks', title: 'Blocks', description: 'squares and bars' },
-    { id: 'spikes', title: 'Spikes', description: 'stars and triangles' },
-    { id: 'waves', title: 'Waves', description: 'stripes' },
-  ],
-  ensembles: [
-    { id: 'trio', title: 'Trio (AFA)', description: 'three experts', method: 'afa', experts: ['curves', 'blocks', 'spikes'], subsets: true },
-    { id: 'pair', title: 'Pair (AFA)', description: 'two', method: 'afa', experts: ['blocks', 'waves'], subsets: false },
-  ],
-  defaults: { steps: 20, guidance: 5, scheduler: 'ddim', width: 64, height: 64 },
-  size: { min: 32, max: 128, multiple: 4 },
-  executionProvider: 'cpu',
-};
+const INFO: PackageInfo = shapesInfo([
+  TRIO,
+  { id: 'pair', title: 'Pair (AFA)', description: 'two', method: 'afa', experts: ['blocks', 'waves'], subsets: false },
+]);
 
 function selection(value: string | null, mode?: 'afa' | 'average' | 'merge' | 'single') {
   const result = resolveModelChoice(value, mode, INFO);

@@ -15,6 +15,7 @@ import { buildImagineRequest } from '../src/bot/imagine-request.ts';
 import { describeModels } from '../src/bot/messages.ts';
 import { modelSuggestions, resolveModelChoice } from '../src/bot/model-choice.ts';
 import { TINY } from './helpers/fixture.ts';
+import { shapesInfo, TRIO } from './helpers/package-info.ts';
 
 test('fuse is a mode between the training-free baselines and AFA, named "Fuse"', () => {
   assert.deepEqual(MODES, ['single', 'average', 'merge', 'fuse', 'afa']);
@@ -112,25 +113,11 @@ describe('the engine picks an ensemble of the mode’s method', () => {
   });
 });
 
-const INFO: PackageInfo = {
-  name: 'demo',
-  version: '1.0.0',
-  description: 'shapes',
-  experts: [
-    { id: 'curves', title: 'Curves', description: 'circles and rings' },
-    { id: 'blocks', title: 'Blocks', description: 'squares and bars' },
-    { id: 'spikes', title: 'Spikes', description: 'stars and triangles' },
-    { id: 'waves', title: 'Waves', description: 'stripes' },
-  ],
-  ensembles: [
-    { id: 'trio', title: 'Trio (AFA)', description: 'three experts', method: 'afa', experts: ['curves', 'blocks', 'spikes'], subsets: true },
-    { id: 'fuse', title: 'Fuse (training-free)', description: 'variance fusion', method: 'fuse', experts: ['curves', 'blocks', 'spikes'], subsets: true },
-    { id: 'surf', title: 'Surf (fuse)', description: 'two', method: 'fuse', experts: ['blocks', 'waves'], subsets: false },
-  ],
-  defaults: { steps: 20, guidance: 5, scheduler: 'ddim', width: 64, height: 64 },
-  size: { min: 32, max: 128, multiple: 4 },
-  executionProvider: 'cpu',
-};
+const INFO: PackageInfo = shapesInfo([
+  TRIO,
+  { id: 'fuse', title: 'Fuse (training-free)', description: 'variance fusion', method: 'fuse', experts: ['curves', 'blocks', 'spikes'], subsets: true },
+  { id: 'surf', title: 'Surf (fuse)', description: 'two', method: 'fuse', experts: ['blocks', 'waves'], subsets: false },
+]);
 const AFA_ONLY: PackageInfo = { ...INFO, ensembles: INFO.ensembles.filter((e) => e.method === 'afa') };
 
 type ModeName = (typeof MODES)[number];

@@ -13,6 +13,7 @@ import {
   type PackageInfo,
   type RgbImage,
 } from '../../src/engine/api.ts';
+import { SHAPE_EXPERTS } from '../helpers/package-info.ts';
 
 export interface ProceduralEngineOptions {
   /** Wall time of one denoising step. */
@@ -25,11 +26,7 @@ export const PROCEDURAL_PACKAGE_INFO: PackageInfo = {
   name: 'procedural-test',
   version: '0.0.0',
   description: 'test double: procedural pictures, no models',
-  experts: [
-    { id: 'curves', title: 'Curves', description: 'circles and rings' },
-    { id: 'blocks', title: 'Blocks', description: 'squares and bars' },
-    { id: 'spikes', title: 'Spikes', description: 'stars and triangles' },
-  ],
+  experts: SHAPE_EXPERTS,
   ensembles: [
     { id: 'duo', title: 'Duo (AFA)', description: 'curves and blocks fused', method: 'afa', experts: ['curves', 'blocks'], subsets: false },
   ],

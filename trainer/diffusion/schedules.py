@@ -26,6 +26,19 @@ _DEFAULTS = {
     "rescale_betas_zero_snr": False,
 }
 
+# Stable Diffusion 1.x's noise schedule as its scheduler configs state it (runwayml/stable-diffusion-v1-5
+# scheduler/): packages add their sampler's class name and its own keys.
+SD1_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "trained_betas": None,
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+}
+
 
 def config_value(config: Mapping[str, Any], key: str) -> Any:
     """config[key], or diffusers' default when the key is missing or null."""

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from trainer.diffusion.schedules import SD1_SCHEDULE
 from trainer.export.errors import ExportError, ManifestError
 from trainer.export.fp16_compute import add_fp16_variants
 from trainer.export.graphs import export_text_encoder, export_unet, export_vae_decoder, export_vae_encoder
@@ -39,14 +40,7 @@ TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_t
 # diffusers' SD1.5 scheduler config (runwayml/stable-diffusion-v1-5 scheduler/), made explicit.
 SD15_SCHEDULER = {
     "_class_name": "PNDMScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "trained_betas": None,
-    "prediction_type": "epsilon",
-    "steps_offset": 1,
-    "set_alpha_to_one": False,
+    **SD1_SCHEDULE,
     "skip_prk_steps": True,
     "clip_sample": False,
     "timestep_spacing": "leading",
