@@ -35,7 +35,7 @@ import onnx
 import torch
 
 from trainer.export.errors import ExportError, ManifestError
-from trainer.export.graph_weights import config_beside, unet_from_graph
+from trainer.export.graph_weights import config_beside, unet_config_beside, unet_from_graph
 from trainer.export.graphs import export_afa
 from trainer.export.large_graph import ExpertWeights, export_afa_streamed
 from trainer.export.manifest import validate_manifest
@@ -48,7 +48,7 @@ from trainer.export.shared_weights import (DATA_NAME, check_unchanged, external_
 from trainer.io.model_folders import afa_hyperparameters, load_aggregators, load_unet, read_afa_config
 from trainer.models.afa import AFAEnsemble
 from trainer.models.fusion import DEFAULT_TEMPERATURE, FusionEnsemble
-from trainer.models.unet import UNet2DConditionModel, UNetConfig
+from trainer.models.unet import UNet2DConditionModel
 
 SOURCES = "sources.json"
 
@@ -116,14 +116,6 @@ def load_expert_unets(package_dir: str, manifest: Mapping[str, Any], ids: Sequen
 STREAM_ABOVE = 1 << 30  # experts with more float32 bytes are exported tensor by tensor (large_graph)
 
 
-def _config_of(package_dir: str, manifest: Mapping[str, Any], expert_id: str) -> Optional[UNetConfig]:
-    path = config_beside(os.path.join(package_dir, expert_graph(manifest, expert_id)))
-    if path is None:
-        return None
-    with open(path, encoding="utf-8") as f:
-        return UNetConfig.from_dict(json.load(f))
-
-
 def streamed_experts(package_dir: str, manifest: Mapping[str, Any], ids: Sequence[str], *,
                      stream_above: Optional[int] = None, check: Check = "auto",
                      log=print) -> Optional[Tuple[List[UNet2DConditionModel], ExpertWeights]]:
@@ -132,7 +124,7 @@ def streamed_experts(package_dir: str, manifest: Mapping[str, Any], ids: Sequenc
     a time). None when the experts are small enough to load (or their configs are not in the package)."""
     if not set(ids) <= {e["id"] for e in manifest["experts"]}:
         return None  # load_expert_unets names the unknown ones
-    configs = [_config_of(package_dir, manifest, i) for i in ids]
+    configs = [unet_config_beside(os.path.join(package_dir, expert_graph(manifest, i))) for i in ids]
     if any(c is None for c in configs):
         return None
     skeletons = [UNet2DConditionModel(c, device="meta") for c in configs]

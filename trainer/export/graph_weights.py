@@ -113,6 +113,15 @@ def config_beside(graph_path: str) -> Optional[str]:
     return None
 
 
+def unet_config_beside(graph_path: str) -> Optional[UNetConfig]:
+    """The U-Net config that config_beside finds, read; None when there is none."""
+    path = config_beside(graph_path)
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return UNetConfig.from_dict(json.load(f))
+
+
 @torch.no_grad()
 def unet_from_graph(graph_path: str, config: Optional[UNetConfig] = None, *, check: Check = "auto",
                     tolerance: float = 1e-4) -> UNet2DConditionModel:
@@ -120,11 +129,9 @@ def unet_from_graph(graph_path: str, config: Optional[UNetConfig] = None, *, che
     float32 and eval mode. Raises ExportError when a parameter cannot be found in the graph, or when the
     re-exported graph's outputs differ from the package graph's (check: as parity's)."""
     if config is None:
-        config_path = config_beside(graph_path)
-        if config_path is None:
+        config = unet_config_beside(graph_path)
+        if config is None:
             raise ExportError(f"{graph_path}: no config.json beside it, so its U-Net cannot be rebuilt")
-        with open(config_path, encoding="utf-8") as f:
-            config = UNetConfig.from_dict(json.load(f))
     options = _export_options(graph_path)
     probe = UNet2DConditionModel(config).eval()
     generator = torch.Generator().manual_seed(0)
