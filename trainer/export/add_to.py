@@ -37,7 +37,7 @@ import torch
 from trainer.export.errors import ExportError, ManifestError
 from trainer.export.graph_weights import config_beside, unet_config_beside, unet_from_graph
 from trainer.export.graphs import export_afa
-from trainer.export.large_graph import ExpertWeights, export_afa_streamed
+from trainer.export.large_graph import STREAM_ABOVE, ExpertWeights, export_afa_streamed, fp32_bytes
 from trainer.export.manifest import validate_manifest
 from trainer.export.onnx_io import graph_io
 from trainer.export.package import default_title, ensemble_method
@@ -113,9 +113,6 @@ def load_expert_unets(package_dir: str, manifest: Mapping[str, Any], ids: Sequen
     return unets
 
 
-STREAM_ABOVE = 1 << 30  # experts with more float32 bytes are exported tensor by tensor (large_graph)
-
-
 def streamed_experts(package_dir: str, manifest: Mapping[str, Any], ids: Sequence[str], *,
                      stream_above: Optional[int] = None, check: Check = "auto",
                      log=print) -> Optional[Tuple[List[UNet2DConditionModel], ExpertWeights]]:
@@ -129,7 +126,7 @@ def streamed_experts(package_dir: str, manifest: Mapping[str, Any], ids: Sequenc
         return None
     skeletons = [UNet2DConditionModel(c, device="meta") for c in configs]
     limit = STREAM_ABOVE if stream_above is None else stream_above
-    if max(4 * sum(p.numel() for p in u.parameters()) for u in skeletons) <= limit:
+    if max(fp32_bytes(u) for u in skeletons) <= limit:
         return None
 
     def weights(i: int) -> Mapping[str, torch.Tensor]:

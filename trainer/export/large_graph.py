@@ -39,9 +39,17 @@ from trainer.models.unet import UNet2DConditionModel
 
 ExpertWeights = Callable[[int], Mapping[str, Tensor]]  # expert index -> its U-Net state dict (diffusers names)
 
+# U-Nets with more float32 bytes than this are exported tensor by tensor (SD1.5's: 3.4 GB): the importer
+# and --add-to switch to this module's exports above it
+STREAM_ABOVE = 1 << 30
 UNETS_PREFIX = "ensemble.unets."   # parameter names of trainer.export.graphs.AFAGraph's U-Nets
 INLINE_BYTES = 1024                # smaller tensors stay inside the .onnx file
 ALIGN = 4096                       # external tensors start on page boundaries (ORT can map them)
+
+
+def fp32_bytes(module: nn.Module) -> int:
+    """The bytes of a module's parameters as float32 (it may be on the meta device)."""
+    return 4 * sum(p.numel() for p in module.parameters())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from trainer.diffusion.schedules import SD1_SCHEDULE
 from trainer.export.errors import ExportError, ManifestError
 from trainer.export.fp16_compute import add_fp16_variants
 from trainer.export.graphs import export_text_encoder, export_unet, export_vae_decoder, export_vae_encoder
-from trainer.export.large_graph import export_unet_streamed
+from trainer.export.large_graph import STREAM_ABOVE, export_unet_streamed, fp32_bytes
 from trainer.export.manifest import FORMAT, FORMAT_VERSION, write_manifest
 from trainer.export.package import architecture_tag
 from trainer.export.parity import Check
@@ -62,7 +62,7 @@ class ImportOptions:
     steps: Optional[int] = None
     check: Check = "auto"
     cuda_fp16: bool = False            # also float16-compute variants (model.fp16.onnx) for CUDA (contract C1)
-    stream_above: int = 1 << 30        # U-Nets with more float32 bytes are exported tensor by tensor
+    stream_above: int = STREAM_ABOVE   # U-Nets with more float32 bytes are exported tensor by tensor
 
 
 @dataclass
@@ -148,10 +148,6 @@ def _export_text_encoder(e: _Expert, path: str, opts: ImportOptions, record) -> 
     record(export_text_encoder(model, path, fp16=opts.fp16, check=opts.check))
 
 
-def _fp32_bytes(model: torch.nn.Module) -> int:
-    return 4 * sum(p.numel() for p in model.parameters())
-
-
 def _export_expert_unet(e: _Expert, config: UNetConfig, path: str, opts: ImportOptions, record, log):
     """Writes expert e's U-Net graph; returns the U-Net (on the meta device when it was streamed).
 
@@ -160,8 +156,9 @@ def _export_expert_unet(e: _Expert, config: UNetConfig, path: str, opts: ImportO
     memory as PyTorch's float32 copy plus the exporter's protobuf, one SD1.5 U-Net needs over 12 GB.
     Its parity against PyTorch is then not run here (the tests prove the streamed export on small models)."""
     skeleton = UNet2DConditionModel(config, device="meta")
-    if _fp32_bytes(skeleton) > opts.stream_above:
-        log(f"unet {e.id}: {_fp32_bytes(skeleton) / 1e9:.1f} GB of float32 weights: written tensor by tensor "
+    size = fp32_bytes(skeleton)
+    if size > opts.stream_above:
+        log(f"unet {e.id}: {size / 1e9:.1f} GB of float32 weights: written tensor by tensor "
             f"from the checkpoint")
         try:
             record(export_unet_streamed(skeleton, path, lambda: e.source.unet_state(config), name=f"unet {e.id}",
